@@ -1,0 +1,981 @@
+//! SparseMAP over bit vectors `y ∈ {0,1}^D`, with and without a budget `Σ y <= B`, solved by
+//! the active-set method (reference §5.2–§5.4) in `f64`, one example per rayon task. Plain
+//! CPU kernel: the differentiable wrapper lives in [`super::autodiff`].
+//!
+//! ```text
+//! p* = argmax_{p ∈ Δ} η·Mp - ½ ||Mp||²,   m(y) = [y; 1 - y],   η = [s; 0]
+//! ```
+//!
+//! The optimal marginals are `μ = clip((s + 1) / 2, 0, 1)` without a budget and the Euclidean
+//! projection of `(s + 1) / 2` onto `{0 <= μ <= 1, Σ μ <= B}` with one; the distribution over
+//! vertices is not unique and depends on the path from the initial vertex.
+//!
+//! Deviations from the original solver, each keeping the same optimum:
+//! - The closed-form optimal marginals are computed first; bits whose marginal is 0 or 1 are
+//!   fixed in every optimal vertex, so the active set runs on the fractional bits only, with
+//!   their scores shifted into `(-1, 1)`. This is faster, keeps huge scores from destroying
+//!   precision.
+//! - Members whose weight ends at exactly zero are dropped before `Q` is formed, so the
+//!   Jacobian is that of the positive-weight active set.
+//! - The inverse KKT matrix is recomputed from scratch periodically and when the loop stalls.
+//! - When a new vertex is affinely dependent on the active
+//!   set, the original eigendecomposes the padded KKT matrix and drops the first element with a
+//!   non-zero coefficient, which can leave weights that do not sum to one. Here the
+//!   dependency `y* = Σ λ_j y_j` comes free from the bordered-inverse update, and a ratio test
+//!   moves weight onto `y*` along it, keeping the marginals and feasibility.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use super::kbest::{BitConfigs, validate_bit_scores};
+use crate::error::MappingError;
+
+/// Optimality tolerance on `max_y <η - μ, m(y)> - τ` (reference §5.4).
+const OPTIMALITY_TOL: f64 = 1e-9;
+/// Below this Schur complement a new vertex counts as affinely dependent (reference §5.4).
+const SINGULAR_TOL: f64 = 1e-9;
+/// The inverse KKT matrix is recomputed from scratch this often (in iterations): rank-one
+/// updates drift, and at D = 128 the drift made about one solve in ten cycle without end.
+/// Every 25 iterations costs `O(n³)`, amortized `O(n²)` like the updates themselves.
+const REFACTOR_EVERY: usize = 25;
+/// Final weights at or below this are rounding residue of a member that left the optimal
+/// face (seen: 1e-15 on a suboptimal vertex) and are dropped.
+const ZERO_WEIGHT: f64 = 1e-12;
+/// Affine coefficients smaller than this are treated as zero in the ratio test.
+const COEFFICIENT_TOL: f64 = 1e-12;
+
+/// How the active set starts (reference §5.4).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    /// The MAP vertex of the scores.
+    Map,
+    /// A uniformly random feasible vertex (the budget-MAP of uniform noise), drawn from a
+    /// ChaCha8 stream per example so that results do not depend on thread scheduling.
+    Random {
+        /// Seed of the per-example streams.
+        seed: u64,
+    },
+    /// One given feasible vertex per example.
+    Given(BitConfigs),
+}
+
+/// Solver settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseMapOptions {
+    /// At most this many bits on (`None`: no budget).
+    pub budget: Option<usize>,
+    /// Iteration cap; the original uses 300.
+    pub max_iter: usize,
+    /// Initial vertex.
+    pub init: Init,
+}
+
+impl Default for SparseMapOptions {
+    fn default() -> Self {
+        Self {
+            budget: None,
+            max_iter: 300,
+            init: Init::Map,
+        }
+    }
+}
+
+/// The solver's final state for one example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseMapSolution {
+    /// The final active set, including members whose weight reached exactly zero.
+    pub configs: BitConfigs,
+    /// Weight of each active configuration: non-negative, summing to one.
+    pub weights: Vec<f64>,
+    /// `Q`: the lower-right `n × n` block of the inverse KKT matrix of the active set, row
+    /// major. On a fixed active set `∂p/∂s = Q M_Sᵀ` restricted to the "on" half (§5.5).
+    pub q: Vec<f64>,
+    /// Iterations used.
+    pub iterations: usize,
+    /// Whether the optimality test passed (false: stopped at `max_iter` or on a repeat).
+    pub converged: bool,
+}
+
+impl SparseMapSolution {
+    /// Indices of the active configurations with positive weight.
+    pub fn support(&self) -> Vec<usize> {
+        (0..self.weights.len())
+            .filter(|&j| self.weights[j] > 0.0)
+            .collect()
+    }
+
+    /// Marginals `μ_i = Σ_j p_j y_ij`.
+    pub fn marginals(&self) -> Vec<f64> {
+        let mut mu = vec![0.0; self.configs.bits()];
+        accumulate_marginals(&self.configs, &self.weights, &mut mu);
+        mu
+    }
+
+    /// Vector–Jacobian product with respect to the scores on the final active set (§5.5).
+    ///
+    /// ```text
+    /// ∇s_i = Σ_j y_ij (Q g)_j
+    /// ```
+    ///
+    /// # Panics
+    /// If `upstream` does not have one entry per active configuration.
+    pub fn vjp(&self, upstream: &[f64]) -> Vec<f64> {
+        let n = self.weights.len();
+        assert_eq!(
+            upstream.len(),
+            n,
+            "one upstream gradient per active configuration"
+        );
+        let qg: Vec<f64> = (0..n)
+            .map(|a| (0..n).map(|c| self.q[a * n + c] * upstream[c]).sum())
+            .collect();
+        let mut grad = vec![0.0; self.configs.bits()];
+        accumulate_marginals(&self.configs, &qg, &mut grad);
+        grad
+    }
+}
+
+/// `out_i += Σ_j w_j y_ij`, visiting only the bits that are on.
+fn accumulate_marginals(configs: &BitConfigs, weights: &[f64], out: &mut [f64]) {
+    for (j, &w) in weights.iter().enumerate().filter(|(_, w)| **w != 0.0) {
+        for (k, &word) in configs.words_of(j).iter().enumerate() {
+            let mut rest = word;
+            while rest != 0 {
+                out[k * 64 + rest.trailing_zeros() as usize] += w;
+                rest &= rest - 1;
+            }
+        }
+    }
+}
+
+/// Solves SparseMAP for each row of a `[rows, D]` score matrix, rows in parallel.
+pub fn sparsemap(
+    scores: &[f32],
+    bits: usize,
+    options: &SparseMapOptions,
+) -> Result<Vec<SparseMapSolution>, MappingError> {
+    validate_bit_scores(scores, bits)?;
+    validate_options(scores.len() / bits, bits, options)?;
+    Ok(scores
+        .par_chunks(bits)
+        .enumerate()
+        .map(|(row, s)| solve_row(s, row, options))
+        .collect())
+}
+
+fn validate_options(
+    rows: usize,
+    bits: usize,
+    options: &SparseMapOptions,
+) -> Result<(), MappingError> {
+    if options.max_iter == 0 {
+        return Err(MappingError::BadMaxIter { max_iter: 0 });
+    }
+    if let Some(budget) = options.budget.filter(|b| *b == 0) {
+        return Err(MappingError::BadBudget { budget });
+    }
+    if let Init::Given(vertices) = &options.init {
+        if vertices.bits() != bits || vertices.len() != rows {
+            let reason = format!(
+                "set has {} vectors of {} bits, expected {rows} of {bits}",
+                vertices.len(),
+                vertices.bits()
+            );
+            return Err(MappingError::BadInitialVertex { row: 0, reason });
+        }
+        for row in 0..rows {
+            let on = vertices.count_ones(row);
+            if options.budget.is_some_and(|b| on > b) {
+                let reason = format!("has {on} bits on, above the budget");
+                return Err(MappingError::BadInitialVertex { row, reason });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The vertex maximizing `Σ_i y_i e_i` subject to the budget (reference §5.3), where
+/// `e_i = η_on,i - η_off,i`. Bits with `e_i > 0` are on; over budget, the `B` largest `e_i`
+/// (ties to the smaller index) are on, stopping before the first negative one.
+fn map_vertex(e: &[f64], budget: Option<usize>, order: &mut Vec<usize>, out: &mut [u64]) {
+    out.fill(0);
+    let positive = e.iter().filter(|v| **v > 0.0).count();
+    match budget {
+        Some(b) if positive > b => {
+            order.clear();
+            order.extend(0..e.len());
+            order.sort_by(|&a, &c| e[c].total_cmp(&e[a]).then(a.cmp(&c)));
+            for &i in order.iter().take(b).take_while(|&&i| e[i] >= 0.0) {
+                out[i / 64] |= 1 << (i % 64);
+            }
+        }
+        _ => {
+            for (i, _) in e.iter().enumerate().filter(|(_, v)| **v > 0.0) {
+                out[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+}
+
+/// Active-set state of one example: the active vertices, their scores and weights, and the
+/// inverse of the bordered KKT matrix `A = [[0, 1ᵀ], [1, G]]`, `G_jk = D - Hamming(y_j, y_k)`.
+struct ActiveSet<'a> {
+    s: &'a [f64],
+    configs: BitConfigs,
+    scores: Vec<f64>,
+    weights: Vec<f64>,
+    /// `A⁻¹`, `(n + 1) × (n + 1)`, row-major with row stride `stride`.
+    ainv: Vec<f64>,
+    stride: usize,
+}
+
+impl<'a> ActiveSet<'a> {
+    fn new(s: &'a [f64], first: &[u64]) -> Self {
+        let bits = s.len();
+        let stride = bits + 3;
+        let mut set = Self {
+            s,
+            configs: BitConfigs::new(bits),
+            scores: vec![score_words_f64(first, s)],
+            weights: vec![1.0],
+            ainv: vec![0.0; stride * stride],
+            stride,
+        };
+        set.configs.push_words(first);
+        // A = [[0, 1], [1, D]]  =>  A⁻¹ = [[-D, 1], [1, 0]].
+        set.ainv[0] = -(bits as f64);
+        set.ainv[1] = 1.0;
+        set.ainv[stride] = 1.0;
+        set
+    }
+
+    fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    fn at(&self, a: usize, c: usize) -> f64 {
+        self.ainv[a * self.stride + c]
+    }
+
+    /// `[τ; z] = A⁻¹ [1; scores]`: the equality-constrained optimum on the active set.
+    fn solve(&self) -> (f64, Vec<f64>) {
+        let n = self.len();
+        let row = |a: usize| {
+            self.at(a, 0)
+                + (0..n)
+                    .map(|j| self.at(a, j + 1) * self.scores[j])
+                    .sum::<f64>()
+        };
+        (row(0), (1..=n).map(row).collect())
+    }
+
+    /// Adds `y` with weight zero. Returns `false`, changing nothing, when `y` is affinely
+    /// dependent on the active set; then `d[1..]` holds its affine coefficients.
+    fn try_insert(&mut self, y: &[u64], d: &mut Vec<f64>) -> bool {
+        let n = self.len();
+
+        // r = [1, G(y_j, y)], s = r0 - rᵀ A⁻¹ r, d = A⁻¹ r.
+        let r: Vec<f64> = std::iter::once(1.0)
+            .chain((0..n).map(|j| self.configs.agreement_with(j, y) as f64))
+            .collect();
+        d.clear();
+        d.extend((0..=n).map(|a| (0..=n).map(|c| self.at(a, c) * r[c]).sum::<f64>()));
+        let schur = self.s.len() as f64 - r.iter().zip(d.iter()).map(|(a, b)| a * b).sum::<f64>();
+        if schur.abs() <= SINGULAR_TOL {
+            return false;
+        }
+
+        // A⁻¹ ← [[A⁻¹ + d dᵀ / s, -d / s], [-dᵀ / s, 1 / s]].
+        let st = self.stride;
+        for a in 0..=n {
+            for c in 0..=n {
+                self.ainv[a * st + c] += d[a] * d[c] / schur;
+            }
+            self.ainv[a * st + n + 1] = -d[a] / schur;
+            self.ainv[(n + 1) * st + a] = -d[a] / schur;
+        }
+        self.ainv[(n + 1) * st + n + 1] = 1.0 / schur;
+        self.configs.push_words(y);
+        self.scores.push(score_words_f64(y, self.s));
+        self.weights.push(0.0);
+        true
+    }
+
+    /// Removes active member `j` and downdates `A⁻¹` (row/column `k = j + 1`):
+    /// `A⁻¹[a, c] -= A⁻¹[a, k] A⁻¹[k, c] / A⁻¹[k, k]`.
+    fn remove(&mut self, j: usize) {
+        let (n, k, st) = (self.len(), j + 1, self.stride);
+        let pivot = self.at(k, k);
+        let col: Vec<f64> = (0..=n).map(|a| self.at(a, k)).collect();
+        let row: Vec<f64> = (0..=n).map(|c| self.at(k, c)).collect();
+        let mut next = Vec::with_capacity(n * n);
+        for a in (0..=n).filter(|&a| a != k) {
+            for c in (0..=n).filter(|&c| c != k) {
+                next.push(self.ainv[a * st + c] - col[a] * row[c] / pivot);
+            }
+        }
+        for (a, chunk) in next.chunks_exact(n).enumerate() {
+            self.ainv[a * st..a * st + n].copy_from_slice(chunk);
+        }
+        self.configs.remove(j);
+        self.scores.remove(j);
+        self.weights.remove(j);
+    }
+
+    /// Brings in `y` when it is affinely dependent on the active set, `y = Σ λ_j y_j`
+    /// (`Σ λ_j = 1`): moves weight `t` onto `y` along `p - t λ`, with `t` the largest step
+    /// keeping `p >= 0`, so the marginals do not change; the member that hits zero leaves.
+    fn exchange(&mut self, y: &[u64], lambda: &[f64]) -> bool {
+        let blocking = (0..self.len())
+            .filter(|&j| lambda[j] > COEFFICIENT_TOL)
+            .min_by(|&a, &b| {
+                (self.weights[a] / lambda[a]).total_cmp(&(self.weights[b] / lambda[b]))
+            });
+        let Some(out) = blocking else { return false };
+        let t = self.weights[out] / lambda[out];
+        for (w, l) in self.weights.iter_mut().zip(lambda) {
+            *w = (*w - t * l).max(0.0);
+        }
+        self.remove(out);
+        let mut d = Vec::new();
+        if !self.try_insert(y, &mut d) {
+            return false;
+        }
+        *self.weights.last_mut().expect("just inserted") = t;
+        true
+    }
+
+    /// Recomputes `A⁻¹` from scratch by Gauss–Jordan elimination with partial pivoting,
+    /// discarding the rounding error that the rank-one updates accumulate.
+    fn refactor(&mut self) {
+        let (n, st) = (self.len() + 1, self.stride);
+        let w = 2 * n;
+        let mut m = vec![0.0; n * w];
+        for a in 0..n {
+            for c in 0..n {
+                m[a * w + c] = match (a, c) {
+                    (0, 0) => 0.0,
+                    (0, _) | (_, 0) => 1.0,
+                    _ => self.configs.agreement(a - 1, c - 1) as f64,
+                };
+            }
+            m[a * w + n + a] = 1.0;
+        }
+        for col in 0..n {
+            let pivot = (col..n)
+                .max_by(|&x, &y| m[x * w + col].abs().total_cmp(&m[y * w + col].abs()))
+                .expect("non-empty range");
+            for c in 0..w {
+                m.swap(col * w + c, pivot * w + c);
+            }
+            let inv = 1.0 / m[col * w + col];
+            for c in 0..w {
+                m[col * w + c] *= inv;
+            }
+            for r in (0..n).filter(|&r| r != col) {
+                let f = m[r * w + col];
+                if f != 0.0 {
+                    for c in 0..w {
+                        m[r * w + c] -= f * m[col * w + c];
+                    }
+                }
+            }
+        }
+        for a in 0..n {
+            self.ainv[a * st..a * st + n].copy_from_slice(&m[a * w + n..a * w + 2 * n]);
+        }
+    }
+
+    fn q_block(&self) -> Vec<f64> {
+        let n = self.len();
+        (1..=n)
+            .flat_map(|a| (1..=n).map(move |c| (a, c)))
+            .map(|(a, c)| self.at(a, c))
+            .collect()
+    }
+}
+
+/// The problem left once the integral marginals are fixed: the closed-form optimum `μ*` says
+/// which bits are on or off in every optimal vertex, so only the fractional ones are solved.
+struct Reduced {
+    /// Indices of the fractional bits.
+    free: Vec<usize>,
+    /// Bits that are on in every optimal vertex, packed over all `D` bits.
+    ones: Vec<u64>,
+    /// Shifted scores of the free bits, `s_F - 2θ`, all in `(-1, 1)`.
+    scores: Vec<f64>,
+    /// Budget left for the free bits (`None` when it cannot bind).
+    budget: Option<usize>,
+}
+
+/// Closed-form optimal marginals (reference §5.2) and the reduction they allow.
+///
+/// ```text
+/// v = (s + 1) / 2,   μ* = clip(v - θ, 0, 1),   θ = 0 if Σ clip(v, 0, 1) <= B,
+///                                              else Σ clip(v - θ, 0, 1) = B
+/// ```
+///
+/// On the free bits the budget, if binding, holds with equality, so shifting their scores by
+/// `-2θ` leaves the optimal marginals unchanged and puts every score in `(-1, 1)`.
+fn reduce(s: &[f32], budget: Option<usize>) -> Reduced {
+    let v: Vec<f64> = s.iter().map(|&x| (f64::from(x) + 1.0) / 2.0).collect();
+    let theta = budget.map_or(0.0, |b| capped_simplex_shift(&v, b));
+    let mut reduced = Reduced {
+        free: Vec::new(),
+        ones: vec![0; s.len().div_ceil(64)],
+        scores: Vec::new(),
+        budget,
+    };
+    let mut ones = 0;
+    for (i, &vi) in v.iter().enumerate() {
+        let mu = vi - theta;
+        if mu >= 1.0 {
+            reduced.ones[i / 64] |= 1 << (i % 64);
+            ones += 1;
+        } else if mu > 0.0 {
+            reduced.free.push(i);
+            reduced.scores.push(f64::from(s[i]) - 2.0 * theta);
+        }
+    }
+    reduced.budget = budget
+        .map(|b| b.saturating_sub(ones))
+        .filter(|b| *b < reduced.free.len());
+    reduced
+}
+
+/// The `θ >= 0` of the capped-simplex projection: 0 if `Σ clip(v, 0, 1) <= B`, else the root of
+/// the piecewise-linear, decreasing `Σ clip(v - θ, 0, 1) - B`, located by bisection and then
+/// solved exactly on its linear piece.
+fn capped_simplex_shift(v: &[f64], budget: usize) -> f64 {
+    let mass = |theta: f64| v.iter().map(|x| (x - theta).clamp(0.0, 1.0)).sum::<f64>();
+    let b = budget as f64;
+    if mass(0.0) <= b {
+        return 0.0;
+    }
+    let (mut lo, mut hi) = (0.0, v.iter().copied().fold(0.0, f64::max));
+    for _ in 0..100 {
+        let mid = 0.5 * (lo + hi);
+        if mass(mid) > b { lo = mid } else { hi = mid }
+    }
+    // On the piece around the root: θ = (Σ_{fractional} v_i + #ones - B) / #fractional.
+    let theta = 0.5 * (lo + hi);
+    let (mut sum, mut fractional, mut ones) = (0.0, 0usize, 0usize);
+    for &x in v {
+        match x - theta {
+            m if m >= 1.0 => ones += 1,
+            m if m > 0.0 => (sum, fractional) = (sum + x, fractional + 1),
+            _ => {}
+        }
+    }
+    if fractional == 0 {
+        theta
+    } else {
+        (sum + ones as f64 - b) / fractional as f64
+    }
+}
+
+/// The initial vertex of example `row` on the free bits, as packed words.
+fn initial_vertex(reduced: &Reduced, row: usize, options: &SparseMapOptions) -> Vec<u64> {
+    let bits = reduced.free.len();
+    let mut out = vec![0u64; bits.div_ceil(64)];
+    let mut order = Vec::new();
+    let e: Vec<f64> = match &options.init {
+        Init::Map => reduced.scores.clone(),
+        Init::Random { seed } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+            rng.set_stream(row as u64);
+            (0..bits)
+                .map(|_| rng.random::<f64>() - rng.random::<f64>())
+                .collect()
+        }
+        // The given vertex restricted to the free bits; over the remaining budget, its
+        // lowest-index bits are kept.
+        Init::Given(vertices) => reduced
+            .free
+            .iter()
+            .map(|&i| if vertices.get(row, i) { 1.0 } else { -1.0 })
+            .collect(),
+    };
+    map_vertex(&e, reduced.budget, &mut order, &mut out);
+    out
+}
+
+/// One example: reduce to the fractional bits, run the active set there, keep the members
+/// with positive weight, and lift the vertices back to all `D` bits.
+fn solve_row(s: &[f32], row: usize, options: &SparseMapOptions) -> SparseMapSolution {
+    let reduced = reduce(s, options.budget);
+    if reduced.free.is_empty() {
+        let mut configs = BitConfigs::new(s.len());
+        configs.push_words(&reduced.ones);
+        return SparseMapSolution {
+            configs,
+            weights: vec![1.0],
+            q: vec![0.0],
+            iterations: 0,
+            converged: true,
+        };
+    }
+    let first = initial_vertex(&reduced, row, options);
+    let (mut set, iterations, converged) =
+        active_set(&reduced.scores, reduced.budget, &first, options.max_iter);
+
+    // Members at zero weight (up to rounding) leave, and Q is recomputed for those that stay.
+    let dropped: Vec<usize> = (0..set.len())
+        .rev()
+        .filter(|&j| set.weights[j] <= ZERO_WEIGHT)
+        .collect();
+    if !dropped.is_empty() {
+        dropped.into_iter().for_each(|j| set.remove(j));
+        set.refactor();
+    }
+    let mut configs = BitConfigs::new(s.len());
+    let mut full = reduced.ones.clone();
+    for j in 0..set.len() {
+        full.copy_from_slice(&reduced.ones);
+        for (k, &i) in reduced.free.iter().enumerate() {
+            if set.configs.get(j, k) {
+                full[i / 64] |= 1 << (i % 64);
+            }
+        }
+        configs.push_words(&full);
+    }
+    let total: f64 = set.weights.iter().sum();
+    let weights = set.weights.iter().map(|w| w / total).collect();
+    SparseMapSolution {
+        q: set.q_block(),
+        configs,
+        weights,
+        iterations,
+        converged,
+    }
+}
+
+/// The active-set loop of reference §5.4 on scores `s` (already reduced).
+fn active_set<'a>(
+    s: &'a [f64],
+    budget: Option<usize>,
+    first: &[u64],
+    max_iter: usize,
+) -> (ActiveSet<'a>, usize, bool) {
+    let bits = s.len();
+    let mut set = ActiveSet::new(s, first);
+    let (mut tau, mut changed, mut converged) = (0.0, true, false);
+    let (mut mu, mut e) = (vec![0.0; bits], vec![0.0; bits]);
+    let (mut candidate, mut order, mut d) = (vec![0u64; bits.div_ceil(64)], Vec::new(), Vec::new());
+    let (mut iterations, mut fresh) = (0, false);
+
+    while iterations < max_iter {
+        iterations += 1;
+        if changed && iterations.is_multiple_of(REFACTOR_EVERY) {
+            set.refactor();
+            fresh = true;
+        }
+        if changed {
+            let (t, z) = set.solve();
+            tau = t;
+            changed = step_towards(&mut set, &z);
+            continue;
+        }
+
+        // μ = Σ p_j y_j;  e_i = (s_i - μ_i) - (0 - (1 - μ_i)) = s_i + 1 - 2 μ_i.
+        mu.fill(0.0);
+        accumulate_marginals(&set.configs, &set.weights, &mut mu);
+        for ((e, &si), &m) in e.iter_mut().zip(s).zip(&mu) {
+            *e = si + 1.0 - 2.0 * m;
+        }
+        map_vertex(&e, budget, &mut order, &mut candidate);
+
+        // v = <η - μ, m(y*)> = Σ_i -(1 - μ_i) + Σ_{i on} e_i.
+        let value = mu.iter().map(|m| m - 1.0).sum::<f64>() + score_words_f64(&candidate, &e);
+        if value <= tau + OPTIMALITY_TOL {
+            converged = true;
+            break;
+        }
+        // A repeat, or a failed exchange, means the inverse has drifted: refactor once and
+        // retry before giving up (the original gives up at once).
+        let repeat = (0..set.len()).any(|j| set.configs.words_of(j) == candidate.as_slice());
+        let moved = !repeat
+            && (set.try_insert(&candidate, &mut d) || {
+                let lambda = d[1..].to_vec();
+                set.exchange(&candidate, &lambda)
+            });
+        if !moved {
+            if fresh {
+                break;
+            }
+            set.refactor();
+        }
+        fresh = !moved;
+        changed = true;
+    }
+    (set, iterations, converged)
+}
+
+/// `Σ_{i on} e_i` for a packed vertex.
+fn score_words_f64(words: &[u64], e: &[f64]) -> f64 {
+    let mut total = 0.0;
+    for (w, &word) in words.iter().enumerate() {
+        let mut rest = word;
+        while rest != 0 {
+            total += e[w * 64 + rest.trailing_zeros() as usize];
+            rest &= rest - 1;
+        }
+    }
+    total
+}
+
+/// Moves the weights towards the equality-constrained optimum `z` (reference §5.4, step 3).
+/// Returns whether the active set changed (a blocking member left).
+fn step_towards(set: &mut ActiveSet<'_>, z: &[f64]) -> bool {
+    // α_j = p_j / (p_j - z_j) over members with z_j < p_j; the first strict minimum blocks.
+    let mut blocking: Option<(usize, f64)> = None;
+    let mut any_negative = false;
+    for (j, (&p, &zj)) in set.weights.iter().zip(z).enumerate() {
+        if zj < p {
+            any_negative |= zj < 0.0;
+            let alpha = p / (p - zj);
+            if blocking.is_none_or(|(_, best)| alpha < best) {
+                blocking = Some((j, alpha));
+            }
+        }
+    }
+    match blocking {
+        Some((j, alpha)) if any_negative => {
+            let alpha = alpha.min(1.0);
+            for (p, &zj) in set.weights.iter_mut().zip(z) {
+                *p = if alpha == 1.0 {
+                    zj
+                } else {
+                    ((1.0 - alpha) * *p + alpha * zj).max(0.0)
+                };
+            }
+            set.remove(j);
+            true
+        }
+        _ => {
+            set.weights.copy_from_slice(z);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+    use rand_distr::{Distribution, Normal};
+
+    use super::*;
+
+    /// Independent reference for the budgeted marginals: the Euclidean projection of
+    /// `v = (s + 1) / 2` onto `{0 <= μ <= 1, Σ μ <= B}` is `clip(v - θ, 0, 1)` with `θ = 0` if
+    /// that already fits, else the `θ > 0` with `Σ clip(v - θ) = B`, found here by bisection.
+    fn capped_projection(s: &[f32], budget: Option<usize>) -> Vec<f64> {
+        let v: Vec<f64> = s.iter().map(|&x| (f64::from(x) + 1.0) / 2.0).collect();
+        let at =
+            |theta: f64| -> Vec<f64> { v.iter().map(|x| (x - theta).clamp(0.0, 1.0)).collect() };
+        let Some(b) = budget else { return at(0.0) };
+        if at(0.0).iter().sum::<f64>() <= b as f64 {
+            return at(0.0);
+        }
+        let (mut lo, mut hi) = (0.0, v.iter().copied().fold(0.0, f64::max));
+        for _ in 0..200 {
+            let mid = 0.5 * (lo + hi);
+            if at(mid).iter().sum::<f64>() > b as f64 {
+                lo = mid
+            } else {
+                hi = mid
+            }
+        }
+        at(0.5 * (lo + hi))
+    }
+
+    /// The SparseMAP objective `s·μ - ½ Σ_i (μ_i² + (1 - μ_i)²)` of a distribution.
+    fn objective(s: &[f32], mu: &[f64]) -> f64 {
+        s.iter()
+            .zip(mu)
+            .map(|(&si, &m)| f64::from(si) * m - 0.5 * (m * m + (1.0 - m) * (1.0 - m)))
+            .sum()
+    }
+
+    /// Brute-force optimum over all `2^D` vertices: the objective depends on `p` only through
+    /// `μ`, so a projected-gradient solve over `μ` in the feasible polytope is exact; here it
+    /// is checked the other way round: no vertex improves the linearization at `μ`
+    /// (`max_y <η - μ, m(y)> <= τ`), enumerating every feasible `y`.
+    fn brute_force_optimality_gap(
+        s: &[f32],
+        sol: &SparseMapSolution,
+        budget: Option<usize>,
+    ) -> f64 {
+        let d = s.len();
+        let mu = sol.marginals();
+        // τ = <η - μ, m(y_j)> for any member of the support.
+        let value = |y: u64| -> f64 {
+            (0..d)
+                .map(|i| {
+                    if y >> i & 1 == 1 {
+                        f64::from(s[i]) - mu[i]
+                    } else {
+                        mu[i] - 1.0
+                    }
+                })
+                .sum()
+        };
+        let tau = value(sol.configs.words_of(sol.support()[0])[0]);
+        (0..1u64 << d)
+            .filter(|y| budget.is_none_or(|b| y.count_ones() as usize <= b))
+            .map(value)
+            .fold(f64::NEG_INFINITY, f64::max)
+            - tau
+    }
+
+    fn normal_scores(rng: &mut ChaCha8Rng, rows: usize, d: usize, sigma: f32) -> Vec<f32> {
+        let normal = Normal::new(0.0f32, sigma).unwrap();
+        (0..rows * d).map(|_| normal.sample(rng)).collect()
+    }
+
+    fn check_solution(s: &[f32], sol: &SparseMapSolution, budget: Option<usize>) {
+        let d = s.len();
+        assert!(
+            sol.converged,
+            "not converged after {} iterations",
+            sol.iterations
+        );
+        assert!(sol.weights.iter().all(|w| *w >= 0.0));
+        assert!((sol.weights.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(sol.support().len() <= d + 1);
+        for j in 0..sol.configs.len() {
+            assert!(budget.is_none_or(|b| sol.configs.count_ones(j) <= b));
+        }
+        for (got, want) in sol.marginals().iter().zip(capped_projection(s, budget)) {
+            assert!(
+                (got - want).abs() < 1e-5,
+                "marginal {got} vs {want} (s = {s:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn marginals_equal_the_closed_form_with_and_without_budget() {
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        for (d, sigma, budget) in [
+            (3, 1.0, None),
+            (8, 1.0, None),
+            (32, 1.0, None),
+            (32, 4.0, None),
+            (128, 1.0, None),
+            (8, 1.0, Some(3)),
+            (32, 1.0, Some(16)),
+            (32, 2.0, Some(4)),
+            (128, 1.0, Some(64)),
+            (64, 3.0, Some(1)),
+        ] {
+            for init in [Init::Map, Init::Random { seed: 9 }] {
+                let scores = normal_scores(&mut rng, 20, d, sigma);
+                let options = SparseMapOptions {
+                    budget,
+                    max_iter: 2000,
+                    init,
+                };
+                for (s, sol) in scores
+                    .chunks(d)
+                    .zip(sparsemap(&scores, d, &options).unwrap())
+                {
+                    check_solution(s, &sol, budget);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn optimal_against_every_vertex_for_small_d() {
+        let mut rng = ChaCha8Rng::seed_from_u64(23);
+        for d in 1usize..=8 {
+            for budget in [None, Some(1), Some(d.div_ceil(2))] {
+                let scores = normal_scores(&mut rng, 10, d, 1.5);
+                let options = SparseMapOptions {
+                    budget,
+                    max_iter: 1000,
+                    init: Init::Random { seed: 1 },
+                };
+                for (s, sol) in scores
+                    .chunks(d)
+                    .zip(sparsemap(&scores, d, &options).unwrap())
+                {
+                    check_solution(s, &sol, budget);
+                    let gap = brute_force_optimality_gap(s, &sol, budget);
+                    assert!(gap <= 1e-9, "gap {gap} s={s:?} b={budget:?}");
+                    // And the objective equals the best objective over a fine check: the
+                    // closed-form projection's objective.
+                    let best = objective(s, &capped_projection(s, budget));
+                    assert!((objective(s, &sol.marginals()) - best).abs() < 1e-9);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn map_init_starts_at_the_map_and_given_init_is_honoured() {
+        // Scores far outside [-1, 1]: the optimum is the MAP vertex itself, found at once.
+        let s = [3.0f32, -2.0, 5.0, -4.0];
+        let sol = sparsemap(&s, 4, &SparseMapOptions::default())
+            .unwrap()
+            .remove(0);
+        assert_eq!(sol.support(), vec![0]);
+        assert_eq!(sol.configs.to_u8(0), vec![1, 0, 1, 0]);
+        let mut given = BitConfigs::new(4);
+        given.push_bools(&[false, true, false, true]);
+        let options = SparseMapOptions {
+            init: Init::Given(given),
+            ..Default::default()
+        };
+        let sol = sparsemap(&s, 4, &options).unwrap().remove(0);
+        assert_eq!(sol.marginals(), vec![1.0, 0.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn refuses_bad_options() {
+        let s = [0.0f32; 4];
+        let opts = |budget, max_iter| SparseMapOptions {
+            budget,
+            max_iter,
+            init: Init::Map,
+        };
+        assert_eq!(
+            sparsemap(&s, 4, &opts(Some(0), 10)),
+            Err(MappingError::BadBudget { budget: 0 })
+        );
+        assert_eq!(
+            sparsemap(&s, 4, &opts(None, 0)),
+            Err(MappingError::BadMaxIter { max_iter: 0 })
+        );
+        let mut given = BitConfigs::new(4);
+        given.push_bools(&[true, true, true, false]);
+        let options = SparseMapOptions {
+            budget: Some(2),
+            max_iter: 10,
+            init: Init::Given(given),
+        };
+        assert!(matches!(
+            sparsemap(&s, 4, &options),
+            Err(MappingError::BadInitialVertex { row: 0, .. })
+        ));
+        assert!(matches!(
+            sparsemap(&[f32::NAN], 1, &opts(None, 5)),
+            Err(MappingError::NonFiniteScore { .. })
+        ));
+    }
+
+    #[test]
+    fn weight_jacobian_matches_finite_differences_on_a_stable_active_set() {
+        let mut rng = ChaCha8Rng::seed_from_u64(29);
+        let d = 6;
+        let mut checked = 0;
+        for budget in [None, Some(2)] {
+            for _ in 0..40 {
+                let s = normal_scores(&mut rng, 1, d, 0.6);
+                let options = SparseMapOptions {
+                    budget,
+                    max_iter: 1000,
+                    init: Init::Map,
+                };
+                let sol = sparsemap(&s, d, &options).unwrap().remove(0);
+                // Stable: every weight clearly positive and every marginal clearly fractional
+                // or clearly clipped, so a small perturbation keeps the active set.
+                let stable = sol.weights.iter().all(|w| *w > 1e-3)
+                    && sol.marginals().iter().all(|m| {
+                        (m.abs() > 1e-3 || *m == 0.0) && ((1.0 - m).abs() > 1e-3 || *m == 1.0)
+                    });
+                if !stable {
+                    continue;
+                }
+                checked += 1;
+                let h = 1e-3f32;
+                for i in 0..d {
+                    // Re-solve from the same active set's first vertex at s ± h e_i and read
+                    // the weights of the same configurations.
+                    let weights_at = |delta: f32| -> Vec<f64> {
+                        let mut t = s.clone();
+                        t[i] += delta;
+                        weights_on(&t, &sol, budget)
+                    };
+                    let (plus, minus) = (weights_at(h), weights_at(-h));
+                    for j in 0..sol.weights.len() {
+                        let mut upstream = vec![0.0; sol.weights.len()];
+                        upstream[j] = 1.0;
+                        let analytic = sol.vjp(&upstream)[i];
+                        let fd = (plus[j] - minus[j]) / (2.0 * f64::from(h));
+                        assert!(
+                            (analytic - fd).abs() < 1e-3,
+                            "dp_{j}/ds_{i}: {analytic} vs {fd}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(checked > 10, "too few stable cases ({checked})");
+    }
+
+    /// Weights of `sol`'s configurations at new scores `t`, from the equality-constrained
+    /// optimum on that fixed set, computed from scratch by Gaussian elimination.
+    fn weights_on(t: &[f32], sol: &SparseMapSolution, _budget: Option<usize>) -> Vec<f64> {
+        let n = sol.weights.len();
+        let m = n + 1;
+        let mut a = vec![0.0; m * (m + 1)];
+        for r in 0..m {
+            for c in 0..m {
+                a[r * (m + 1) + c] = match (r, c) {
+                    (0, 0) => 0.0,
+                    (0, _) | (_, 0) => 1.0,
+                    _ => sol.configs.agreement(r - 1, c - 1) as f64,
+                };
+            }
+            a[r * (m + 1) + m] = if r == 0 {
+                1.0
+            } else {
+                sol.configs.score(r - 1, t)
+            };
+        }
+        gaussian_solve(&mut a, m)[1..].to_vec()
+    }
+
+    fn gaussian_solve(a: &mut [f64], m: usize) -> Vec<f64> {
+        let w = m + 1;
+        for col in 0..m {
+            let pivot = (col..m)
+                .max_by(|&x, &y| a[x * w + col].abs().total_cmp(&a[y * w + col].abs()))
+                .unwrap();
+            for c in 0..w {
+                a.swap(col * w + c, pivot * w + c);
+            }
+            for r in (0..m).filter(|&r| r != col) {
+                let f = a[r * w + col] / a[col * w + col];
+                for c in 0..w {
+                    a[r * w + c] -= f * a[col * w + c];
+                }
+            }
+        }
+        (0..m).map(|r| a[r * w + m] / a[r * w + r]).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_on_adversarial_scores(
+            s in prop::collection::vec(
+                prop_oneof![-3.0f32..3.0, Just(0.0f32), Just(1.0f32), Just(-1.0f32),
+                            Just(1e6f32), Just(-1e6f32), Just(1e-7f32)],
+                1..10,
+            ),
+            budget in prop::option::of(1usize..6),
+            random in any::<bool>(),
+        ) {
+            let d = s.len();
+            let init = if random { Init::Random { seed: 3 } } else { Init::Map };
+            let options = SparseMapOptions { budget, max_iter: 1000, init };
+            let sol = sparsemap(&s, d, &options).unwrap().remove(0);
+            check_solution(&s, &sol, budget);
+        }
+    }
+}
