@@ -28,9 +28,18 @@ use serde_json::{Value, json};
 #[derive(Deserialize)]
 #[serde(tag = "mapping", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
-    Sparsemax { scores: Vec<Vec<Option<f32>>>, upstream: Option<Vec<Vec<f32>>> },
-    Topk { scores: Vec<Vec<f32>>, k: usize },
-    TopkSparsemax { scores: Vec<Vec<f32>>, k: usize },
+    Sparsemax {
+        scores: Vec<Vec<Option<f32>>>,
+        upstream: Option<Vec<Vec<f32>>>,
+    },
+    Topk {
+        scores: Vec<Vec<f32>>,
+        k: usize,
+    },
+    TopkSparsemax {
+        scores: Vec<Vec<f32>>,
+        k: usize,
+    },
     Sparsemap {
         scores: Vec<Vec<f32>>,
         #[serde(default)]
@@ -71,13 +80,17 @@ fn main() -> ExitCode {
 
 fn run() -> Result<Value, String> {
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).map_err(|e| format!("reading stdin: {e}"))?;
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| format!("reading stdin: {e}"))?;
     let request: Request =
         serde_json::from_str(&input).map_err(|e| format!("invalid request: {e}"))?;
     let err = |e: lvm_core::MappingError| e.to_string();
     match request {
         Request::Sparsemax { scores, upstream } => {
-            let masked = scores.iter().map(|r| r.iter().map(|v| v.unwrap_or(f32::NEG_INFINITY)));
+            let masked = scores
+                .iter()
+                .map(|r| r.iter().map(|v| v.unwrap_or(f32::NEG_INFINITY)));
             let (flat, shape) = matrix(masked.map(Iterator::collect).collect(), "scores")?;
             let z = tensor(flat, shape).require_grad();
             let probs = mappings::sparsemax(z.clone()).map_err(err)?;
@@ -96,8 +109,10 @@ fn run() -> Result<Value, String> {
         Request::Topk { scores, k } => {
             let (flat, [_, bits]) = matrix(scores, "scores")?;
             let best = kbest::kbest(&flat, bits, k).map_err(err)?;
-            let configs: Vec<Vec<Vec<u8>>> =
-                best.iter().map(|b| (0..k).map(|j| b.configs.to_u8(j)).collect()).collect();
+            let configs: Vec<Vec<Vec<u8>>> = best
+                .iter()
+                .map(|b| (0..k).map(|j| b.configs.to_u8(j)).collect())
+                .collect();
             let scores: Vec<&[f64]> = best.iter().map(|b| b.scores.as_slice()).collect();
             Ok(json!({ "configs": configs, "config_scores": scores }))
         }
@@ -107,23 +122,41 @@ fn run() -> Result<Value, String> {
             let configs = read_f32(&out.configs).map_err(err)?;
             let configs: Vec<Vec<Vec<u8>>> = configs
                 .chunks(k * shape[1])
-                .map(|c| c.chunks(shape[1]).map(|z| z.iter().map(|&b| b as u8).collect()).collect())
+                .map(|c| {
+                    c.chunks(shape[1])
+                        .map(|z| z.iter().map(|&b| b as u8).collect())
+                        .collect()
+                })
                 .collect();
             Ok(json!({ "configs": configs, "probs": rows(&read_f32(&out.probs).map_err(err)?, k) }))
         }
-        Request::Sparsemap { scores, budget, max_iter, init, seed } => {
+        Request::Sparsemap {
+            scores,
+            budget,
+            max_iter,
+            init,
+            seed,
+        } => {
             let (flat, [_, bits]) = matrix(scores, "scores")?;
             let init = match init {
                 InitName::Map => Init::Map,
                 InitName::Random => Init::Random { seed },
             };
             let budget = (budget > 0).then_some(budget);
-            let options = SparseMapOptions { budget, max_iter, init };
-            let solutions =
-                mappings::sparsemap::sparsemap(&flat, bits, &options).map_err(err)?;
+            let options = SparseMapOptions {
+                budget,
+                max_iter,
+                init,
+            };
+            let solutions = mappings::sparsemap::sparsemap(&flat, bits, &options).map_err(err)?;
             let configs: Vec<Vec<Vec<u8>>> = solutions
                 .iter()
-                .map(|s| s.support().into_iter().map(|j| s.configs.to_u8(j)).collect())
+                .map(|s| {
+                    s.support()
+                        .into_iter()
+                        .map(|j| s.configs.to_u8(j))
+                        .collect()
+                })
                 .collect();
             let probs: Vec<Vec<f64>> = solutions
                 .iter()
@@ -143,7 +176,9 @@ fn matrix(values: Vec<Vec<f32>>, what: &str) -> Result<(Vec<f32>, [usize; 2]), S
     }
     if let Some(row) = values.iter().position(|r| r.len() != width) {
         let got = values[row].len();
-        return Err(format!("{what}: row {row} has {got} entries, expected {width}"));
+        return Err(format!(
+            "{what}: row {row} has {got} entries, expected {width}"
+        ));
     }
     let height = values.len();
     Ok((values.into_iter().flatten().collect(), [height, width]))

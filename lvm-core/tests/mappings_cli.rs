@@ -11,9 +11,13 @@ use serde_json::Value;
 /// when only this test was asked for, the example is built here first.
 fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
-    let binary =
-        profile_dir.join("examples").join(format!("mappings{}", std::env::consts::EXE_SUFFIX));
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("mappings{}", std::env::consts::EXE_SUFFIX));
     if !binary.exists() {
         let status = Command::new(env!("CARGO"))
             .args(["build", "-p", "lvm-core", "--example", "mappings"])
@@ -31,7 +35,12 @@ fn run(request: &str) -> (bool, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the mappings example is built by cargo test");
-    child.stdin.take().unwrap().write_all(request.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
     (out.status.success(), text(out.stdout), text(out.stderr))
@@ -46,9 +55,14 @@ fn answer(request: &str) -> Value {
 #[test]
 fn sparsemax_with_upstream_gives_probabilities_and_the_vjp() {
     // z = [1, 0.5, -1]: p = [0.75, 0.25, 0]; g = [1, 0, 0]: ∇ = [1 - 0.5, 0 - 0.5, 0].
-    let a = answer(r#"{"mapping":"sparsemax","scores":[[1,0.5,-1],[0,null,0]],
-                      "upstream":[[1,0,0],[0,0,0]]}"#);
-    assert_eq!(a["probs"], serde_json::json!([[0.75, 0.25, 0.0], [0.5, 0.0, 0.5]]));
+    let a = answer(
+        r#"{"mapping":"sparsemax","scores":[[1,0.5,-1],[0,null,0]],
+                      "upstream":[[1,0,0],[0,0,0]]}"#,
+    );
+    assert_eq!(
+        a["probs"],
+        serde_json::json!([[0.75, 0.25, 0.0], [0.5, 0.0, 0.5]])
+    );
     assert_eq!(a["grad"][0], serde_json::json!([0.5, -0.5, 0.0]));
 }
 
@@ -64,14 +78,24 @@ fn topk_returns_the_reference_golden_example() {
 #[test]
 fn topk_sparsemax_and_sparsemap_answer_in_shape() {
     let a = answer(r#"{"mapping":"topk_sparsemax","scores":[[0.3,-0.2,0.1]],"k":3}"#);
-    let probs: Vec<f64> =
-        a["probs"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let probs: Vec<f64> = a["probs"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-6);
-    let a = answer(r#"{"mapping":"sparsemap","scores":[[0.5,-3.0,0.2]],"budget":0,
-                      "max_iter":300,"init":"random"}"#);
+    let a = answer(
+        r#"{"mapping":"sparsemap","scores":[[0.5,-3.0,0.2]],"budget":0,
+                      "max_iter":300,"init":"random"}"#,
+    );
     // Marginals clip((s + 1) / 2, 0, 1) = [0.75, 0, 0.6].
-    let mu: Vec<f64> =
-        a["marginals"][0].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let mu: Vec<f64> = a["marginals"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     for (m, e) in mu.iter().zip([0.75, 0.0, 0.6]) {
         assert!((m - e).abs() < 1e-7, "{m} vs {e} (f32 inputs)");
     }
@@ -81,12 +105,27 @@ fn topk_sparsemax_and_sparsemap_answer_in_shape() {
 fn malformed_requests_get_one_line_errors() {
     for (request, needle) in [
         ("not json", "invalid request"),
-        (r#"{"mapping":"sparsemaxx","scores":[[1]]}"#, "unknown variant"),
+        (
+            r#"{"mapping":"sparsemaxx","scores":[[1]]}"#,
+            "unknown variant",
+        ),
         (r#"{"mapping":"topk","scores":[[1,2]],"k":5}"#, "k = 5"),
-        (r#"{"mapping":"sparsemax","scores":[[1,2],[3]]}"#, "row 1 has 1 entries"),
-        (r#"{"mapping":"sparsemax","scores":[[null,null]]}"#, "every score is -inf"),
-        (r#"{"mapping":"sparsemap","scores":[[1]],"max_iter":0}"#, "max_iter"),
-        (r#"{"mapping":"topk","scores":[[1]],"k":1,"extra":1}"#, "unknown field"),
+        (
+            r#"{"mapping":"sparsemax","scores":[[1,2],[3]]}"#,
+            "row 1 has 1 entries",
+        ),
+        (
+            r#"{"mapping":"sparsemax","scores":[[null,null]]}"#,
+            "every score is -inf",
+        ),
+        (
+            r#"{"mapping":"sparsemap","scores":[[1]],"max_iter":0}"#,
+            "max_iter",
+        ),
+        (
+            r#"{"mapping":"topk","scores":[[1]],"k":1,"extra":1}"#,
+            "unknown field",
+        ),
     ] {
         let (ok, stdout, stderr) = run(request);
         assert!(!ok, "{request} should fail");

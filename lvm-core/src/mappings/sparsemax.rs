@@ -222,9 +222,9 @@ mod tests {
 
     use super::*;
 
-    /// Independent sparsemax: bisection on `τ` such that `Σ max(z - τ, 0) = 1` (reference §2.3),
-    /// in `f64`, without sorting. The function is decreasing in `τ`, with the root in
-    /// `[max z - 1, max z]`.
+    /// Independent sparsemax: bisection on `τ` such that `Σ max(z - τ, 0) = 1`
+    /// (reference §2.3), in `f64`, without sorting. The function is decreasing in `τ`, with
+    /// the root in `[max z - 1, max z]`.
     fn sparsemax_bisect(row: &[f32]) -> Vec<f64> {
         let z: Vec<f64> = row.iter().map(|&v| f64::from(v)).collect();
         let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
