@@ -64,12 +64,13 @@ pub fn threshold(row: &[f32], scratch: &mut Vec<f64>) -> (f64, f64) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     assert!(max.is_finite(), "sparsemax row without a finite entry");
 
-    // Shift by the maximum; -inf entries can never enter the support, so they are dropped.
+    // Shift by the maximum. Only entries above max - 1 can be in the support (τ >= max - 1,
+    // because p_max = max - τ <= 1), so the rest, -inf included, are never sorted.
     scratch.clear();
     scratch.extend(
         row.iter()
-            .filter(|v| v.is_finite())
-            .map(|&v| f64::from(v) - f64::from(max)),
+            .map(|&v| f64::from(v) - f64::from(max))
+            .filter(|&shifted| shifted > -1.0),
     );
     scratch.sort_unstable_by(|a, b| b.total_cmp(a));
 
