@@ -17,7 +17,7 @@
 //!   precision.
 //! - Members whose weight ends at exactly zero are dropped before `Q` is formed, so the
 //!   Jacobian is that of the positive-weight active set.
-//! - The inverse KKT matrix is recomputed from scratch periodically and when the loop stalls.
+//! - The inverse KKT matrix is recomputed from scratch when it drifts and when the loop stalls.
 //! - When a new vertex is affinely dependent on the active
 //!   set, the original eigendecomposes the padded KKT matrix and drops the first element with a
 //!   non-zero coefficient, which can leave weights that do not sum to one. Here the
@@ -35,10 +35,10 @@ use crate::error::MappingError;
 const OPTIMALITY_TOL: f64 = 1e-9;
 /// Below this Schur complement a new vertex counts as affinely dependent (reference §5.4).
 const SINGULAR_TOL: f64 = 1e-9;
-/// The inverse KKT matrix is recomputed from scratch this often (in iterations): rank-one
-/// updates drift, and at D = 128 the drift made about one solve in ten cycle without end.
-/// Every 25 iterations costs `O(n³)`, amortized `O(n²)` like the updates themselves.
-const REFACTOR_EVERY: usize = 25;
+/// When the equality-constrained weights miss `Σ z = 1` by more than this, the inverse KKT
+/// matrix has drifted under rank-one updates and is recomputed from scratch. Without any
+/// refactoring about one solve in ten at D = 128 cycled until `max_iter`.
+const DRIFT_TOL: f64 = 1e-10;
 /// Final weights at or below this are rounding residue of a member that left the optimal
 /// face (seen: 1e-15 on a suboptimal vertex) and are dropped.
 const ZERO_WEIGHT: f64 = 1e-12;
@@ -136,14 +136,12 @@ impl SparseMapSolution {
     }
 }
 
-/// `out_i += Σ_j w_j y_ij`, visiting only the bits that are on.
+/// `out_i += Σ_j w_j y_ij`, branch-free over each 64-bit word so that it vectorizes.
 fn accumulate_marginals(configs: &BitConfigs, weights: &[f64], out: &mut [f64]) {
     for (j, &w) in weights.iter().enumerate().filter(|(_, w)| **w != 0.0) {
-        for (k, &word) in configs.words_of(j).iter().enumerate() {
-            let mut rest = word;
-            while rest != 0 {
-                out[k * 64 + rest.trailing_zeros() as usize] += w;
-                rest &= rest - 1;
+        for (chunk, &word) in out.chunks_mut(64).zip(configs.words_of(j)) {
+            for (b, o) in chunk.iter_mut().enumerate() {
+                *o += w * ((word >> b) & 1) as f64;
             }
         }
     }
@@ -199,21 +197,20 @@ fn validate_options(
 /// `e_i = η_on,i - η_off,i`. Bits with `e_i > 0` are on; over budget, the `B` largest `e_i`
 /// (ties to the smaller index) are on, stopping before the first negative one.
 fn map_vertex(e: &[f64], budget: Option<usize>, order: &mut Vec<usize>, out: &mut [u64]) {
-    out.fill(0);
-    let positive = e.iter().filter(|v| **v > 0.0).count();
-    match budget {
-        Some(b) if positive > b => {
-            order.clear();
-            order.extend(0..e.len());
-            order.sort_by(|&a, &c| e[c].total_cmp(&e[a]).then(a.cmp(&c)));
-            for &i in order.iter().take(b).take_while(|&&i| e[i] >= 0.0) {
-                out[i / 64] |= 1 << (i % 64);
-            }
-        }
-        _ => {
-            for (i, _) in e.iter().enumerate().filter(|(_, v)| **v > 0.0) {
-                out[i / 64] |= 1 << (i % 64);
-            }
+    for (word, chunk) in out.iter_mut().zip(e.chunks(64)) {
+        *word = chunk
+            .iter()
+            .enumerate()
+            .fold(0, |w, (b, &v)| w | (u64::from(v > 0.0) << b));
+    }
+    let positive: usize = out.iter().map(|w| w.count_ones() as usize).sum();
+    if let Some(b) = budget.filter(|&b| positive > b) {
+        out.fill(0);
+        order.clear();
+        order.extend(0..e.len());
+        order.sort_by(|&a, &c| e[c].total_cmp(&e[a]).then(a.cmp(&c)));
+        for &i in order.iter().take(b).take_while(|&&i| e[i] >= 0.0) {
+            out[i / 64] |= 1 << (i % 64);
         }
     }
 }
@@ -223,8 +220,16 @@ fn map_vertex(e: &[f64], budget: Option<usize>, order: &mut Vec<usize>, out: &mu
 struct ActiveSet<'a> {
     s: &'a [f64],
     configs: BitConfigs,
-    scores: Vec<f64>,
+    /// `[1, s·y_1, ..., s·y_n]`: the right-hand side of the KKT system.
+    rhs: Vec<f64>,
     weights: Vec<f64>,
+    /// The active vertices again, as rows of 0/1 floats (`n × D`), for the marginals.
+    dense: Vec<f64>,
+    /// Reused buffer for a row or column of `A⁻¹`.
+    scratch: Vec<f64>,
+    /// `A⁻¹ rhs`, when `solution_valid`.
+    solution: Vec<f64>,
+    solution_valid: bool,
     /// `A⁻¹`, `(n + 1) × (n + 1)`, row-major with row stride `stride`.
     ainv: Vec<f64>,
     stride: usize,
@@ -237,12 +242,16 @@ impl<'a> ActiveSet<'a> {
         let mut set = Self {
             s,
             configs: BitConfigs::new(bits),
-            scores: vec![score_words_f64(first, s)],
+            rhs: vec![1.0, score_words_f64(first, s)],
             weights: vec![1.0],
+            scratch: Vec::with_capacity(stride),
+            solution: Vec::with_capacity(stride),
+            solution_valid: false,
+            dense: Vec::with_capacity(stride * bits),
             ainv: vec![0.0; stride * stride],
             stride,
         };
-        set.configs.push_words(first);
+        set.push_config(first);
         // A = [[0, 1], [1, D]]  =>  A⁻¹ = [[-D, 1], [1, 0]].
         set.ainv[0] = -(bits as f64);
         set.ainv[1] = 1.0;
@@ -254,73 +263,118 @@ impl<'a> ActiveSet<'a> {
         self.weights.len()
     }
 
+    fn push_config(&mut self, y: &[u64]) {
+        self.configs.push_words(y);
+        let bits = self.s.len();
+        self.dense
+            .extend((0..bits).map(|i| ((y[i / 64] >> (i % 64)) & 1) as f64));
+    }
+
+    /// `μ = Σ_j p_j y_j`, as dense row updates that vectorize.
+    fn marginals_into(&self, mu: &mut [f64]) {
+        mu.fill(0.0);
+        let rows = self.dense.chunks_exact(self.s.len().max(1));
+        for (row, &w) in rows.zip(&self.weights).filter(|(_, w)| **w != 0.0) {
+            for (m, &y) in mu.iter_mut().zip(row) {
+                *m += w * y;
+            }
+        }
+    }
+
     fn at(&self, a: usize, c: usize) -> f64 {
         self.ainv[a * self.stride + c]
     }
 
-    /// `[τ; z] = A⁻¹ [1; scores]`: the equality-constrained optimum on the active set.
-    fn solve(&self) -> (f64, Vec<f64>) {
-        let n = self.len();
-        let row = |a: usize| {
-            self.at(a, 0)
-                + (0..n)
-                    .map(|j| self.at(a, j + 1) * self.scores[j])
-                    .sum::<f64>()
-        };
-        (row(0), (1..=n).map(row).collect())
+    /// `[τ; z] = A⁻¹ [1; scores]`: the equality-constrained optimum on the active set. Kept
+    /// up to date in `O(n)` across insertions; recomputed in `O(n²)` after other changes.
+    fn solve(&mut self, z: &mut Vec<f64>) -> f64 {
+        let (n, st) = (self.len(), self.stride);
+        if !self.solution_valid {
+            let rhs = &self.rhs[..=n];
+            self.solution.clear();
+            self.solution
+                .extend((0..=n).map(|a| dot(&self.ainv[a * st..a * st + n + 1], rhs)));
+            self.solution_valid = true;
+        }
+        z.clear();
+        z.extend_from_slice(&self.solution[1..=n]);
+        self.solution[0]
     }
 
     /// Adds `y` with weight zero. Returns `false`, changing nothing, when `y` is affinely
     /// dependent on the active set; then `d[1..]` holds its affine coefficients.
     fn try_insert(&mut self, y: &[u64], d: &mut Vec<f64>) -> bool {
-        let n = self.len();
+        let (n, st) = (self.len(), self.stride);
 
         // r = [1, G(y_j, y)], s = r0 - rᵀ A⁻¹ r, d = A⁻¹ r.
-        let r: Vec<f64> = std::iter::once(1.0)
-            .chain((0..n).map(|j| self.configs.agreement_with(j, y) as f64))
-            .collect();
+        self.scratch.clear();
+        self.scratch.push(1.0);
+        self.scratch
+            .extend((0..n).map(|j| self.configs.agreement_with(j, y) as f64));
         d.clear();
-        d.extend((0..=n).map(|a| (0..=n).map(|c| self.at(a, c) * r[c]).sum::<f64>()));
-        let schur = self.s.len() as f64 - r.iter().zip(d.iter()).map(|(a, b)| a * b).sum::<f64>();
+        d.extend((0..=n).map(|a| dot(&self.ainv[a * st..a * st + n + 1], &self.scratch)));
+        let schur = self.s.len() as f64 - dot(&self.scratch, d);
         if schur.abs() <= SINGULAR_TOL {
             return false;
         }
 
         // A⁻¹ ← [[A⁻¹ + d dᵀ / s, -d / s], [-dᵀ / s, 1 / s]].
-        let st = self.stride;
-        for a in 0..=n {
-            for c in 0..=n {
-                self.ainv[a * st + c] += d[a] * d[c] / schur;
+        let inv = 1.0 / schur;
+        for (a, &da) in d.iter().enumerate() {
+            let row = &mut self.ainv[a * st..a * st + n + 2];
+            let scaled = da * inv;
+            for (x, &dc) in row[..=n].iter_mut().zip(d.iter()) {
+                *x += scaled * dc;
             }
-            self.ainv[a * st + n + 1] = -d[a] / schur;
-            self.ainv[(n + 1) * st + a] = -d[a] / schur;
+            row[n + 1] = -scaled;
         }
-        self.ainv[(n + 1) * st + n + 1] = 1.0 / schur;
-        self.configs.push_words(y);
-        self.scores.push(score_words_f64(y, self.s));
+        let last = &mut self.ainv[(n + 1) * st..(n + 1) * st + n + 2];
+        for (x, &dc) in last[..=n].iter_mut().zip(d.iter()) {
+            *x = -dc * inv;
+        }
+        last[n + 1] = inv;
+
+        // [x; 0] ← [x + d γ; -γ] with γ = (dᵀ b - β) / s, β the new score (block inverse).
+        let beta = score_words_f64(y, self.s);
+        if self.solution_valid {
+            let gamma = (dot(d, &self.rhs) - beta) * inv;
+            for (x, &da) in self.solution.iter_mut().zip(d.iter()) {
+                *x += da * gamma;
+            }
+            self.solution.push(-gamma);
+        }
+        self.push_config(y);
+        self.rhs.push(beta);
         self.weights.push(0.0);
         true
     }
 
     /// Removes active member `j` and downdates `A⁻¹` (row/column `k = j + 1`):
-    /// `A⁻¹[a, c] -= A⁻¹[a, k] A⁻¹[k, c] / A⁻¹[k, k]`.
+    /// `A⁻¹[a, c] -= A⁻¹[a, k] A⁻¹[k, c] / A⁻¹[k, k]`, then closes the gap in place.
     fn remove(&mut self, j: usize) {
         let (n, k, st) = (self.len(), j + 1, self.stride);
         let pivot = self.at(k, k);
-        let col: Vec<f64> = (0..=n).map(|a| self.at(a, k)).collect();
-        let row: Vec<f64> = (0..=n).map(|c| self.at(k, c)).collect();
-        let mut next = Vec::with_capacity(n * n);
+        self.scratch.clear();
+        self.scratch
+            .extend((0..=n).map(|c| self.ainv[k * st + c] / pivot));
         for a in (0..=n).filter(|&a| a != k) {
-            for c in (0..=n).filter(|&c| c != k) {
-                next.push(self.ainv[a * st + c] - col[a] * row[c] / pivot);
+            let factor = self.ainv[a * st + k];
+            let row = &mut self.ainv[a * st..a * st + n + 1];
+            for (x, &rc) in row.iter_mut().zip(&self.scratch) {
+                *x -= factor * rc;
             }
         }
-        for (a, chunk) in next.chunks_exact(n).enumerate() {
-            self.ainv[a * st..a * st + n].copy_from_slice(chunk);
+        for a in 0..=n {
+            let base = a * st;
+            self.ainv.copy_within(base + k + 1..base + n + 1, base + k);
         }
+        self.ainv.copy_within((k + 1) * st..(n + 1) * st, k * st);
         self.configs.remove(j);
-        self.scores.remove(j);
+        let bits = self.s.len();
+        self.dense.drain(j * bits..(j + 1) * bits);
+        self.rhs.remove(k);
         self.weights.remove(j);
+        self.solution_valid = false;
     }
 
     /// Brings in `y` when it is affinely dependent on the active set, `y = Σ λ_j y_j`
@@ -349,6 +403,7 @@ impl<'a> ActiveSet<'a> {
     /// Recomputes `A⁻¹` from scratch by Gauss–Jordan elimination with partial pivoting,
     /// discarding the rounding error that the rank-one updates accumulate.
     fn refactor(&mut self) {
+        self.solution_valid = false;
         let (n, st) = (self.len() + 1, self.stride);
         let w = 2 * n;
         let mut m = vec![0.0; n * w];
@@ -563,24 +618,24 @@ fn active_set<'a>(
     let (mut tau, mut changed, mut converged) = (0.0, true, false);
     let (mut mu, mut e) = (vec![0.0; bits], vec![0.0; bits]);
     let (mut candidate, mut order, mut d) = (vec![0u64; bits.div_ceil(64)], Vec::new(), Vec::new());
-    let (mut iterations, mut fresh) = (0, false);
+    let (mut iterations, mut fresh, mut z) = (0, false, Vec::with_capacity(bits + 2));
 
     while iterations < max_iter {
         iterations += 1;
-        if changed && iterations.is_multiple_of(REFACTOR_EVERY) {
-            set.refactor();
-            fresh = true;
-        }
         if changed {
-            let (t, z) = set.solve();
-            tau = t;
+            tau = set.solve(&mut z);
+            // Rank-one updates drift; the constraint Σ z = 1 shows it, so refactor then.
+            if (z.iter().sum::<f64>() - 1.0).abs() > DRIFT_TOL {
+                set.refactor();
+                fresh = true;
+                tau = set.solve(&mut z);
+            }
             changed = step_towards(&mut set, &z);
             continue;
         }
 
         // μ = Σ p_j y_j;  e_i = (s_i - μ_i) - (0 - (1 - μ_i)) = s_i + 1 - 2 μ_i.
-        mu.fill(0.0);
-        accumulate_marginals(&set.configs, &set.weights, &mut mu);
+        set.marginals_into(&mut mu);
         for ((e, &si), &m) in e.iter_mut().zip(s).zip(&mu) {
             *e = si + 1.0 - 2.0 * m;
         }
@@ -610,6 +665,23 @@ fn active_set<'a>(
         changed = true;
     }
     (set, iterations, converged)
+}
+
+/// `Σ_i a_i b_i` over the shorter of the two slices, with four independent accumulators so
+/// that the additions do not wait on one another (a plain fold is latency-bound).
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f64; 4];
+    let (head_a, tail_a) = a.split_at(n - n % 4);
+    let (head_b, tail_b) = b.split_at(n - n % 4);
+    for (x, y) in head_a.chunks_exact(4).zip(head_b.chunks_exact(4)) {
+        for lane in 0..4 {
+            acc[lane] += x[lane] * y[lane];
+        }
+    }
+    let tail: f64 = tail_a.iter().zip(tail_b).map(|(x, y)| x * y).sum();
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// `Σ_{i on} e_i` for a packed vertex.
