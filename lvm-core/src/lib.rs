@@ -1,6 +1,7 @@
 //! lvm-core: the science of lvm-sweep. Exact sparse mappings (sparsemax, top-k sparsemax,
-//! SparseMAP over bit vectors), and, in later modules, the gradient estimators, tasks, datasets
-//! and training loop that use them. It knows nothing of networking and never prints.
+//! SparseMAP over bit vectors) and the verified datasets; in later modules, the gradient
+//! estimators, tasks and training loop that use them. Its only network use is fetching a
+//! missing dataset file from its public mirror, and it never prints.
 //!
 //! A short tour. Sparsemax projects scores onto the simplex and gives exact zeros:
 //!
@@ -41,6 +42,7 @@
 //! assert_eq!(g, vec![0.5, -0.5, 0.0]);
 //! ```
 
+pub mod data;
 pub mod error;
 pub mod mappings;
 
