@@ -45,5 +45,7 @@
 pub mod data;
 pub mod error;
 pub mod mappings;
+pub mod spec;
 
 pub use error::MappingError;
+pub use spec::{Estimator, Hyperparameters, SpecError, Task, Temperature, TrialSpec};
