@@ -17,6 +17,24 @@ pub enum MappingError {
         /// The offending value.
         value: f32,
     },
+    /// A bit score was NaN or infinite; bit scores cannot be masked.
+    #[error("row {row}, bit {col}: score {value} is not finite (bit scores must be finite)")]
+    NonFiniteBitScore {
+        /// Row (example) index.
+        row: usize,
+        /// Bit index.
+        col: usize,
+        /// The offending value.
+        value: f32,
+    },
+    /// `k` is valid but more configurations than the oracle will enumerate.
+    #[error("k = {k} is too large: at most {max} configurations are enumerated per example")]
+    KTooLarge {
+        /// The requested number of configurations.
+        k: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Every entry of a row was `-inf`, so no distribution over it exists.
     #[error("row {row}: every score is -inf, so there is no category to put mass on")]
     AllMasked {

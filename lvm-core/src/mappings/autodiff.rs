@@ -51,7 +51,8 @@ fn constant<const D: usize>(values: Vec<f32>, shape: [usize; D], like: &Tensor<2
 /// `scores`: `[batch, K]` → `[batch, K]`.
 pub fn sparsemax(scores: Tensor<2>) -> Result<Tensor<2>, MappingError> {
     let [rows, k] = scores.dims();
-    let probs = smax::sparsemax(&read_f32(&scores)?, k)?;
+    let data = read_f32(&scores)?;
+    let probs = smax::sparsemax(&data, k)?;
     let support: Vec<f32> = probs
         .iter()
         .map(|&p| f32::from(u8::from(p > 0.0)))
@@ -59,15 +60,22 @@ pub fn sparsemax(scores: Tensor<2>) -> Result<Tensor<2>, MappingError> {
     let value = constant(probs, [rows, k], &scores);
     let mask = constant::<2>(support, [rows, k], &scores);
 
-    // A(z) = 1_S ⊙ (z - (Σ_S z - 1) / |S|), with entries outside S (possibly -inf) zeroed.
+    // A(z) = 1_S ⊙ (z' - (Σ_S z' - 1) / |S|) with z' = z - max z (a constant shift, so the
+    // same gradient), which keeps every term within 1 of zero even when |z| is near f32::MAX;
+    // entries outside S (possibly -inf) are zeroed first.
+    let max: Vec<f32> = data
+        .chunks(k)
+        .map(|row| row.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
     let outside: Tensor<2, Bool> = mask.clone().equal_elem(0.0);
-    let z = scores.mask_fill(outside, 0.0);
-    let tau = z
+    let max = constant::<2>(max, [rows, 1], &scores);
+    let shifted = scores.mask_fill(outside, 0.0).sub(max.mul(mask.clone()));
+    let tau = shifted
         .clone()
         .sum_dim(1)
         .sub_scalar(1.0)
         .div(mask.clone().sum_dim(1));
-    Ok(with_gradient_of(value, z.sub(tau).mul(mask)))
+    Ok(with_gradient_of(value, shifted.sub(tau).mul(mask)))
 }
 
 /// Sparsemax loss per example against integer targets (reference §2.4), differentiable.
@@ -156,9 +164,9 @@ pub fn topk_sparsemax(scores: Tensor<2>, k: usize) -> Result<TopKSparsemax, Mapp
     }
     let configs = constant::<3>(flat, [rows, k, bits], &scores);
 
-    // t = Z s, recomputed with gradient; then sparsemax over the k scores.
-    let t = configs
-        .clone()
+    // t_j - t_1 = (z_j - z_1)·s, recomputed with gradient: sparsemax ignores the common shift
+    // t_1, and the differences stay finite where t itself could overflow f32.
+    let t = relative_to_first(configs.clone(), rows, k, bits)
         .matmul(scores.unsqueeze_dim::<3>(2))
         .reshape([rows, k]);
     let probs = sparsemax(t)?;
@@ -238,8 +246,9 @@ pub fn sparsemap(
     let all = constant::<3>(all, [rows, active, bits], &scores);
     let q = constant::<3>(q_rows, [rows, width, active], &scores);
 
-    // A(s) = Q_pos (Y s): affine in s on the active set, with the kernel's weights as value.
-    let t = all.matmul(scores.clone().unsqueeze_dim::<3>(2));
+    // A(s) = Q_pos (Y - 1 y_1ᵀ) s: affine in s on the active set (Q 1 = 0 because the weights
+    // sum to one, so the shift by y_1·s changes nothing but keeps f32 from overflowing).
+    let t = relative_to_first(all, rows, active, bits).matmul(scores.clone().unsqueeze_dim::<3>(2));
     let linear = q.matmul(t).reshape([rows, width]);
     let probs = with_gradient_of(constant(weights, [rows, width], &scores), linear);
     let support = supports.iter().map(Vec::len).collect();
@@ -249,6 +258,12 @@ pub fn sparsemap(
         support,
         solutions,
     })
+}
+
+/// `Z - 1 z_1ᵀ` per example: each configuration minus the first of its example.
+fn relative_to_first(configs: Tensor<3>, rows: usize, n: usize, bits: usize) -> Tensor<3> {
+    let first = configs.clone().slice([0..rows, 0..1, 0..bits]);
+    configs.sub(first.repeat_dim(1, n))
 }
 
 fn write_configs(configs: &BitConfigs, members: &[usize], out: &mut [f32]) {
@@ -310,6 +325,31 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         assert_eq!(grad[3], 0.0, "a masked entry gets no gradient");
+    }
+
+    #[test]
+    fn huge_scores_give_finite_values_and_gradients() {
+        // sparsemax([3e38, 3e38]) = [½, ½] (ties); the affine term must not overflow f32.
+        let z = tensor(vec![3e38, 3e38, 1.0, 0.5], [2, 2]);
+        let p = sparsemax(z.clone()).unwrap();
+        assert_eq!(read_f32(&p).unwrap(), vec![0.5, 0.5, 0.75, 0.25]);
+        let g = read_f32(&z.grad(&p.slice([0..2, 0..1]).sum().backward()).unwrap()).unwrap();
+        assert_eq!(g, vec![0.5, -0.5, 0.5, -0.5]);
+        // SparseMAP at [3e38, 3e38, 0.5]: the first two bits are fixed on, μ_3 = 0.75.
+        let s = tensor(vec![3e38, 3e38, 0.5], [1, 3]);
+        let out = sparsemap(s.clone(), &SparseMapOptions::default()).unwrap();
+        let probs = read_f32(&out.probs).unwrap();
+        assert!(probs.iter().all(|p| p.is_finite()));
+        assert_eq!(probs.iter().sum::<f32>(), 1.0);
+        let g = read_f32(
+            &s.grad(&out.probs.slice([0..1, 0..1]).sum().backward())
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+        // Top-k sparsemax with huge scores: the relative scores stay finite.
+        let out = topk_sparsemax(tensor(vec![3e38, 3e38], [1, 2]), 2).unwrap();
+        assert_eq!(read_f32(&out.probs).unwrap(), vec![1.0, 0.0]);
     }
 
     #[test]

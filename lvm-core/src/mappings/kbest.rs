@@ -12,8 +12,8 @@
 //! 2^20 in ratio (a `f32` has 24 significant bits, `f64` 53). Beyond that, scores that differ
 //! by less than the rounding of their sum count as ties.
 //!
-//! The list grows to `min(k, 2^i)` entries at bit `i`, so time and memory are `O(D k)`: a `k`
-//! near `2^D` for large `D` is valid but not feasible.
+//! The list grows to `min(k, 2^i)` entries at bit `i`, so time and memory are `O(D k)`; `k` is
+//! therefore capped at [`MAX_K`].
 
 use rayon::prelude::*;
 
@@ -141,7 +141,11 @@ pub struct KBest {
     pub scores: Vec<f64>,
 }
 
-/// Checks `1 <= k <= 2^bits`.
+/// Largest k the oracle enumerates: `2^20` configurations per example (at D = 128 that is
+/// already 16 MiB of bit vectors per example).
+pub const MAX_K: usize = 1 << 20;
+
+/// Checks `1 <= k <= 2^bits` and `k <= MAX_K`.
 pub fn validate_k(k: usize, bits: usize) -> Result<(), MappingError> {
     let max = if bits >= usize::BITS as usize {
         usize::MAX
@@ -150,6 +154,9 @@ pub fn validate_k(k: usize, bits: usize) -> Result<(), MappingError> {
     };
     if k == 0 || k > max || bits == 0 {
         return Err(MappingError::BadK { k, bits });
+    }
+    if k > MAX_K {
+        return Err(MappingError::KTooLarge { k, max: MAX_K });
     }
     Ok(())
 }
@@ -227,7 +234,7 @@ pub fn validate_bit_scores(scores: &[f32], bits: usize) -> Result<(), MappingErr
         });
     }
     match scores.iter().position(|v| !v.is_finite()) {
-        Some(at) => Err(MappingError::NonFiniteScore {
+        Some(at) => Err(MappingError::NonFiniteBitScore {
             row: at / bits,
             col: at % bits,
             value: scores[at],
@@ -310,8 +317,16 @@ mod tests {
         assert_eq!(kbest(&[0.0; 3], 3, 8).unwrap()[0].scores.len(), 8);
         assert!(matches!(
             kbest(&[f32::NAN], 1, 1),
-            Err(MappingError::NonFiniteScore { .. })
+            Err(MappingError::NonFiniteBitScore { .. })
         ));
+        let err = kbest(&[0.0; 40], 40, MAX_K + 1).unwrap_err();
+        assert_eq!(
+            err,
+            MappingError::KTooLarge {
+                k: MAX_K + 1,
+                max: MAX_K
+            }
+        );
     }
 
     #[test]

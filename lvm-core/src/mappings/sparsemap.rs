@@ -15,8 +15,11 @@
 //!   fixed in every optimal vertex, so the active set runs on the fractional bits only, with
 //!   their scores shifted into `(-1, 1)`. This is faster, keeps huge scores from destroying
 //!   precision.
-//! - Members whose weight ends at exactly zero are dropped before `Q` is formed, so the
+//! - Members whose weight ends at or below `1e-12` are dropped before `Q` is formed, so the
 //!   Jacobian is that of the positive-weight active set.
+//! - When the vertex just added leaves again at once with no step taken, even with a freshly
+//!   computed inverse, rounding hides its gain and more iterations would only cycle: the solve
+//!   stops, as converged if the optimality gap is below `1e-7`.
 //! - The inverse KKT matrix is recomputed from scratch when it drifts and when the loop stalls.
 //! - When a new vertex is affinely dependent on the active
 //!   set, the original eigendecomposes the padded KKT matrix and drops the first element with a
@@ -39,6 +42,11 @@ const SINGULAR_TOL: f64 = 1e-9;
 /// matrix has drifted under rank-one updates and is recomputed from scratch. Without any
 /// refactoring about one solve in ten at D = 128 cycled until `max_iter`.
 const DRIFT_TOL: f64 = 1e-10;
+/// A stall (the vertex just added leaves at once, even with an exact inverse) counts as
+/// converged when the remaining optimality gap is below this: the gain is at rounding level.
+const STALL_GAP_TOL: f64 = 1e-7;
+/// Active-set capacity allocated up front; it grows by doubling beyond this.
+const INITIAL_CAPACITY: usize = 61;
 /// Final weights at or below this are rounding residue of a member that left the optimal
 /// face (seen: 1e-15 on a suboptimal vertex) and are dropped.
 const ZERO_WEIGHT: f64 = 1e-12;
@@ -50,8 +58,10 @@ const COEFFICIENT_TOL: f64 = 1e-12;
 pub enum Init {
     /// The MAP vertex of the scores.
     Map,
-    /// A uniformly random feasible vertex (the budget-MAP of uniform noise), drawn from a
-    /// ChaCha8 stream per example so that results do not depend on thread scheduling.
+    /// A random vertex, as in the original: the (budget-)MAP of uniform noise `r ∈ [0,1)^2D`,
+    /// uniform over all vertices without a budget (with one, the empty vertex is less likely
+    /// than the others). Drawn from the ChaCha8 stream numbered by the example's row, so that
+    /// results depend on the seed and the row, not on thread scheduling.
     Random {
         /// Seed of the per-example streams.
         seed: u64,
@@ -84,7 +94,8 @@ impl Default for SparseMapOptions {
 /// The solver's final state for one example.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SparseMapSolution {
-    /// The final active set, including members whose weight reached exactly zero.
+    /// The final active set: every member has positive weight (members that ended at or
+    /// below `1e-12` are dropped), lifted back to all `D` bits.
     pub configs: BitConfigs,
     /// Weight of each active configuration: non-negative, summing to one.
     pub weights: Vec<f64>,
@@ -238,7 +249,7 @@ struct ActiveSet<'a> {
 impl<'a> ActiveSet<'a> {
     fn new(s: &'a [f64], first: &[u64]) -> Self {
         let bits = s.len();
-        let stride = bits + 3;
+        let stride = bits.min(INITIAL_CAPACITY) + 3;
         let mut set = Self {
             s,
             configs: BitConfigs::new(bits),
@@ -261,6 +272,22 @@ impl<'a> ActiveSet<'a> {
 
     fn len(&self) -> usize {
         self.weights.len()
+    }
+
+    /// Makes room for an `(size + 1) × (size + 1)` inverse, doubling the row stride as needed,
+    /// so that memory follows the active set rather than `D`.
+    fn reserve(&mut self, size: usize) {
+        if size < self.stride {
+            return;
+        }
+        let stride = (2 * self.stride).max(size + 1);
+        let mut grown = vec![0.0; stride * stride];
+        let n = self.len() + 1;
+        for a in 0..n {
+            grown[a * stride..a * stride + n].copy_from_slice(&self.ainv[a * self.stride..][..n]);
+        }
+        self.ainv = grown;
+        self.stride = stride;
     }
 
     fn push_config(&mut self, y: &[u64]) {
@@ -304,6 +331,7 @@ impl<'a> ActiveSet<'a> {
     /// Adds `y` with weight zero. Returns `false`, changing nothing, when `y` is affinely
     /// dependent on the active set; then `d[1..]` holds its affine coefficients.
     fn try_insert(&mut self, y: &[u64], d: &mut Vec<f64>) -> bool {
+        self.reserve(self.len() + 2);
         let (n, st) = (self.len(), self.stride);
 
         // r = [1, G(y_j, y)], s = r0 - rᵀ A⁻¹ r, d = A⁻¹ r.
@@ -500,34 +528,35 @@ fn reduce(s: &[f32], budget: Option<usize>) -> Reduced {
 }
 
 /// The `θ >= 0` of the capped-simplex projection: 0 if `Σ clip(v, 0, 1) <= B`, else the root of
-/// the piecewise-linear, decreasing `Σ clip(v - θ, 0, 1) - B`, located by bisection and then
-/// solved exactly on its linear piece.
+/// the piecewise-linear, decreasing `Σ clip(v - θ, 0, 1) - B`, found exactly by locating its
+/// linear piece among the sorted kinks (no bisection, so huge scores keep full precision).
 fn capped_simplex_shift(v: &[f64], budget: usize) -> f64 {
-    let mass = |theta: f64| v.iter().map(|x| (x - theta).clamp(0.0, 1.0)).sum::<f64>();
     let b = budget as f64;
+    let mass = |theta: f64| v.iter().map(|x| (x - theta).clamp(0.0, 1.0)).sum::<f64>();
     if mass(0.0) <= b {
         return 0.0;
     }
-    let (mut lo, mut hi) = (0.0, v.iter().copied().fold(0.0, f64::max));
-    for _ in 0..100 {
-        let mid = 0.5 * (lo + hi);
-        if mass(mid) > b { lo = mid } else { hi = mid }
-    }
-    // On the piece around the root: θ = (Σ_{fractional} v_i + #ones - B) / #fractional.
-    let theta = 0.5 * (lo + hi);
-    let (mut sum, mut fractional, mut ones) = (0.0, 0usize, 0usize);
-    for &x in v {
-        match x - theta {
-            m if m >= 1.0 => ones += 1,
-            m if m > 0.0 => (sum, fractional) = (sum + x, fractional + 1),
-            _ => {}
-        }
-    }
+
+    // The mass is continuous, non-increasing and linear between the kinks v_i - 1 and v_i:
+    // find the last kink where it still exceeds B, then solve on the linear piece after it.
+    let mut kinks: Vec<f64> = v
+        .iter()
+        .flat_map(|&x| [x - 1.0, x])
+        .filter(|&t| t > 0.0)
+        .collect();
+    kinks.sort_by(f64::total_cmp);
+    kinks.dedup();
+    let after = kinks.partition_point(|&t| mass(t) > b);
+    let lo = if after == 0 { 0.0 } else { kinks[after - 1] };
+    let mid = kinks.get(after).map_or(lo + 0.5, |&hi| 0.5 * (lo + hi));
+    let fractional = v
+        .iter()
+        .filter(|&&x| (0.0..1.0).contains(&(x - mid)) && x > mid)
+        .count();
     if fractional == 0 {
-        theta
-    } else {
-        (sum + ones as f64 - b) / fractional as f64
+        return lo;
     }
+    lo + (mass(lo) - b) / fractional as f64
 }
 
 /// The initial vertex of example `row` on the free bits, as packed words.
@@ -619,6 +648,8 @@ fn active_set<'a>(
     let (mut mu, mut e) = (vec![0.0; bits], vec![0.0; bits]);
     let (mut candidate, mut order, mut d) = (vec![0u64; bits.div_ceil(64)], Vec::new(), Vec::new());
     let (mut iterations, mut fresh, mut z) = (0, false, Vec::with_capacity(bits + 2));
+    let mut just_inserted = false;
+    let mut last_gap = 0.0;
 
     while iterations < max_iter {
         iterations += 1;
@@ -630,7 +661,22 @@ fn active_set<'a>(
                 fresh = true;
                 tau = set.solve(&mut z);
             }
-            changed = step_towards(&mut set, &z);
+            let blocked = step_towards(&mut set, &z);
+            // The vertex just added leaving again at once, with no step taken, means rounding
+            // has made its gain invisible to the KKT solve: more iterations would only cycle.
+            if blocked.is_some_and(|(j, alpha)| just_inserted && j == set.len() && alpha == 0.0) {
+                if fresh {
+                    converged = last_gap <= STALL_GAP_TOL;
+                    break;
+                }
+                set.refactor();
+                fresh = true;
+                just_inserted = false;
+                changed = true;
+                continue;
+            }
+            changed = blocked.is_some();
+            just_inserted = false;
             continue;
         }
 
@@ -643,6 +689,7 @@ fn active_set<'a>(
 
         // v = <η - μ, m(y*)> = Σ_i -(1 - μ_i) + Σ_{i on} e_i.
         let value = mu.iter().map(|m| m - 1.0).sum::<f64>() + score_words_f64(&candidate, &e);
+        last_gap = value - tau;
         if value <= tau + OPTIMALITY_TOL {
             converged = true;
             break;
@@ -662,6 +709,7 @@ fn active_set<'a>(
             set.refactor();
         }
         fresh = !moved;
+        just_inserted = moved;
         changed = true;
     }
     (set, iterations, converged)
@@ -698,8 +746,8 @@ fn score_words_f64(words: &[u64], e: &[f64]) -> f64 {
 }
 
 /// Moves the weights towards the equality-constrained optimum `z` (reference §5.4, step 3).
-/// Returns whether the active set changed (a blocking member left).
-fn step_towards(set: &mut ActiveSet<'_>, z: &[f64]) -> bool {
+/// Returns the member that blocked and left, with the step length taken, if one did.
+fn step_towards(set: &mut ActiveSet<'_>, z: &[f64]) -> Option<(usize, f64)> {
     // α_j = p_j / (p_j - z_j) over members with z_j < p_j; the first strict minimum blocks.
     let mut blocking: Option<(usize, f64)> = None;
     let mut any_negative = false;
@@ -723,11 +771,11 @@ fn step_towards(set: &mut ActiveSet<'_>, z: &[f64]) -> bool {
                 };
             }
             set.remove(j);
-            true
+            Some((j, alpha))
         }
         _ => {
             set.weights.copy_from_slice(z);
-            false
+            None
         }
     }
 }
@@ -936,7 +984,7 @@ mod tests {
         ));
         assert!(matches!(
             sparsemap(&[f32::NAN], 1, &opts(None, 5)),
-            Err(MappingError::NonFiniteScore { .. })
+            Err(MappingError::NonFiniteBitScore { .. })
         ));
     }
 

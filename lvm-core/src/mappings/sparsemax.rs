@@ -157,7 +157,7 @@ pub fn sparsemax_vjp_row(probs: &[f32], upstream: &[f32], grad: &mut [f32]) {
 /// Vector–Jacobian product of sparsemax over each row of `[rows, k]` matrices.
 ///
 /// # Panics
-/// If `probs` and `upstream` differ in length or are not a multiple of `k`.
+/// If `probs` and `upstream` differ in length. A trailing partial row is ignored.
 pub fn sparsemax_vjp(probs: &[f32], upstream: &[f32], k: usize) -> Vec<f32> {
     assert_eq!(probs.len(), upstream.len(), "vjp lengths");
     let mut grad = vec![0.0f32; probs.len()];
@@ -174,24 +174,27 @@ pub fn sparsemax_vjp(probs: &[f32], upstream: &[f32], k: usize) -> Vec<f32> {
 /// Sparsemax loss of one row against class `target` (reference §2.4), in `f64`.
 ///
 /// ```text
-/// L(z, y) = ½ (1 - ||p||²) + <p, z> - z_y,   p = sparsemax(z),   ∇_z L = p - e_y
+/// L(z, y) = ½ (1 - ||p||²) + <p, z> - z_y = ½ (1 - ||p||²) + Σ_j p_j (z_j - z_y)
+/// p = sparsemax(z),   ∇_z L = p - e_y
 /// ```
 ///
-/// Masked entries have `p_j = 0` and are left out of `<p, z>`. `L >= 0`, with equality iff
-/// `p = e_y`.
+/// The second form (using `Σ p = 1`) keeps full precision when `|z|` is huge. Masked entries
+/// have `p_j = 0` and are left out. `L >= 0`, with equality iff `p = e_y`.
 ///
 /// # Panics
-/// If `target` is out of range or masked, or the lengths differ (callers validate first).
+/// If `target` is out of range or masked (callers validate first). Entries past the shorter
+/// of `row` and `probs` are ignored.
 pub fn sparsemax_loss_row(row: &[f32], probs: &[f32], target: usize) -> f64 {
     assert!(row[target].is_finite(), "sparsemax loss target is masked");
+    let zy = f64::from(row[target]);
     let (norm2, inner) = probs.iter().zip(row).filter(|(p, _)| **p > 0.0).fold(
         (0.0f64, 0.0f64),
         |(n, i), (&p, &z)| {
             let p = f64::from(p);
-            (n + p * p, i + p * f64::from(z))
+            (n + p * p, i + p * (f64::from(z) - zy))
         },
     );
-    0.5 * (1.0 - norm2) + inner - f64::from(row[target])
+    0.5 * (1.0 - norm2) + inner
 }
 
 /// Checks one target per row, each a valid unmasked class.
@@ -353,6 +356,14 @@ mod tests {
         let row = [5.0, 0.0, 1.0];
         let p = sparsemax(&row, 3).unwrap();
         assert_eq!(sparsemax_loss_row(&row, &p, 0), 0.0);
+    }
+
+    #[test]
+    fn loss_keeps_precision_at_huge_magnitudes() {
+        // z = [3e38, 3e38]: p = [½, ½], L(z, 0) = ½ (1 - ½) + ½ (0) + ½ (0) = 0.25.
+        let row = [3e38f32, 3e38];
+        let p = sparsemax(&row, 2).unwrap();
+        assert_eq!(sparsemax_loss_row(&row, &p, 0), 0.25);
     }
 
     #[test]
