@@ -2,7 +2,7 @@
 //! checked against ours: reads one JSON request on stdin, writes one JSON answer on stdout.
 //!
 //! ```text
-//! echo '{"mapping":"sparsemax","scores":[[1,0.5,-1]]}' | cargo run -p lvm-core --example mappings
+//! echo '{"mapping":"sparsemax","scores":[[1,0.5,-1]]}' | cargo run --example mappings
 //! {"probs":[[0.75,0.25,0.0]]}
 //! ```
 //!
@@ -11,12 +11,12 @@
 //! - `{"mapping":"topk","scores":[[..]],"k":10}` → `{"configs","config_scores"}`
 //! - `{"mapping":"topk_sparsemax","scores":[[..]],"k":10}` → `{"configs","probs"}`
 //! - `{"mapping":"sparsemap","scores":[[..]],"budget":0,"max_iter":300,"init":"map"}` →
-//!   `{"configs","probs","marginals"}` (`budget` 0: none; `init`: `map` or `random`, with an
-//!   optional `"seed"`)
+//!   `{"configs","probs","marginals","converged"}` (`budget` 0: none; `init`: `map` or
+//!   `random`, with an optional `"seed"`)
 //!
 //! A malformed request gets a one-line error on stderr and exit status 1.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
 use burn::tensor::{Device, Tensor, TensorData};
@@ -29,27 +29,26 @@ use serde_json::{Value, json};
 #[serde(tag = "mapping", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
     Sparsemax {
-        scores: Vec<Vec<Option<f32>>>,
-        upstream: Option<Vec<Vec<f32>>>,
+        scores: Vec<Vec<Option<f64>>>,
+        upstream: Option<Vec<Vec<f64>>>,
     },
     Topk {
-        scores: Vec<Vec<f32>>,
+        scores: Vec<Vec<f64>>,
         k: usize,
     },
     TopkSparsemax {
-        scores: Vec<Vec<f32>>,
+        scores: Vec<Vec<f64>>,
         k: usize,
     },
     Sparsemap {
-        scores: Vec<Vec<f32>>,
+        scores: Vec<Vec<f64>>,
         #[serde(default)]
         budget: usize,
         #[serde(default = "default_max_iter")]
         max_iter: usize,
         #[serde(default)]
         init: InitName,
-        #[serde(default)]
-        seed: u64,
+        seed: Option<u64>,
     },
 }
 
@@ -66,11 +65,14 @@ fn default_max_iter() -> usize {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(answer) => {
-            println!("{answer}");
-            ExitCode::SUCCESS
-        }
+    let written = run().and_then(|answer| {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{answer}")
+            .and_then(|()| stdout.flush())
+            .map_err(|e| format!("writing the answer: {e}"))
+    });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
@@ -90,13 +92,17 @@ fn run() -> Result<Value, String> {
         Request::Sparsemax { scores, upstream } => {
             let masked = scores
                 .iter()
-                .map(|r| r.iter().map(|v| v.unwrap_or(f32::NEG_INFINITY)));
+                .map(|r| r.iter().map(|v| v.unwrap_or(f64::NEG_INFINITY)));
             let (flat, shape) = matrix(masked.map(Iterator::collect).collect(), "scores")?;
             let z = tensor(flat, shape).require_grad();
             let probs = mappings::sparsemax(z.clone()).map_err(err)?;
             let mut answer = json!({ "probs": rows(&read_f32(&probs).map_err(err)?, shape[1]) });
             if let Some(upstream) = upstream {
                 let (g, g_shape) = matrix(upstream, "upstream")?;
+                if let Some(at) = g.iter().position(|v| !v.is_finite()) {
+                    let (row, col) = (at / shape[1], at % shape[1]);
+                    return Err(format!("upstream: row {row}, column {col} is not finite"));
+                }
                 if g_shape != shape {
                     return Err(format!("upstream has shape {g_shape:?}, scores {shape:?}"));
                 }
@@ -138,9 +144,12 @@ fn run() -> Result<Value, String> {
             seed,
         } => {
             let (flat, [_, bits]) = matrix(scores, "scores")?;
-            let init = match init {
-                InitName::Map => Init::Map,
-                InitName::Random => Init::Random { seed },
+            let init = match (init, seed) {
+                (InitName::Map, None) => Init::Map,
+                (InitName::Map, Some(_)) => return Err("seed applies only to init random".into()),
+                (InitName::Random, seed) => Init::Random {
+                    seed: seed.unwrap_or(0),
+                },
             };
             let budget = (budget > 0).then_some(budget);
             let options = SparseMapOptions {
@@ -163,13 +172,17 @@ fn run() -> Result<Value, String> {
                 .map(|s| s.support().into_iter().map(|j| s.weights[j]).collect())
                 .collect();
             let marginals: Vec<Vec<f64>> = solutions.iter().map(|s| s.marginals()).collect();
-            Ok(json!({ "configs": configs, "probs": probs, "marginals": marginals }))
+            let converged: Vec<bool> = solutions.iter().map(|s| s.converged).collect();
+            Ok(json!({
+                "configs": configs, "probs": probs, "marginals": marginals, "converged": converged
+            }))
         }
     }
 }
 
-/// Flattens a list of equal-length rows, naming `what` in the error otherwise.
-fn matrix(values: Vec<Vec<f32>>, what: &str) -> Result<(Vec<f32>, [usize; 2]), String> {
+/// Flattens a list of equal-length rows into `f32`, naming `what` in the error when rows differ
+/// in length or a finite value is outside the `f32` range (`-inf` passes: a masked entry).
+fn matrix(values: Vec<Vec<f64>>, what: &str) -> Result<(Vec<f32>, [usize; 2]), String> {
     let width = values.first().map_or(0, Vec::len);
     if values.is_empty() || width == 0 {
         return Err(format!("{what} must be a non-empty list of non-empty rows"));
@@ -181,7 +194,21 @@ fn matrix(values: Vec<Vec<f32>>, what: &str) -> Result<(Vec<f32>, [usize; 2]), S
         ));
     }
     let height = values.len();
-    Ok((values.into_iter().flatten().collect(), [height, width]))
+    let mut flat = Vec::with_capacity(height * width);
+    for (row, col, v) in values
+        .iter()
+        .enumerate()
+        .flat_map(|(r, vs)| vs.iter().enumerate().map(move |(c, v)| (r, c, *v)))
+    {
+        let single = v as f32;
+        if v.is_finite() && !single.is_finite() {
+            return Err(format!(
+                "{what}: row {row}, column {col}: {v:e} is outside the f32 range"
+            ));
+        }
+        flat.push(single);
+    }
+    Ok((flat, [height, width]))
 }
 
 fn tensor(values: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {

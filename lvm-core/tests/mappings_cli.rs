@@ -20,7 +20,7 @@ fn example_binary() -> PathBuf {
         .join(format!("mappings{}", std::env::consts::EXE_SUFFIX));
     if !binary.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "lvm-core", "--example", "mappings"])
+            .args(["build", "--workspace", "--example", "mappings"])
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the mappings example failed");

@@ -379,6 +379,11 @@ mod tests {
             sparsemax_loss(tensor(z, [2, 3]), &[3, 0]),
             Err(MappingError::BadTarget { .. })
         ));
+        let masked = tensor(vec![f32::NEG_INFINITY, 1.0], [1, 2]);
+        assert!(matches!(
+            sparsemax_loss(masked, &[0]),
+            Err(MappingError::BadTarget { target: 0, .. })
+        ));
     }
 
     #[test]

@@ -937,6 +937,82 @@ mod tests {
     }
 
     #[test]
+    fn exchange_keeps_marginals_when_a_vertex_is_affinely_dependent() {
+        // Active {000, 100, 010} with p = (0.2, 0.5, 0.3), μ = (0.5, 0.3, 0). The vertex 110 =
+        // 100 + 010 - 000 is affinely dependent (λ = (-1, 1, 1)); the ratio test gives
+        // t = min(0.5 / 1, 0.3 / 1) = 0.3, so 010 leaves and p becomes 000: 0.5, 100: 0.2,
+        // 110: 0.3, with the same marginals (computed by hand).
+        let s = [0.0f64; 3];
+        let word = |bits: &[u64]| bits.iter().enumerate().fold(0u64, |w, (i, b)| w | b << i);
+        let mut set = ActiveSet::new(&s, &[word(&[0, 0, 0])]);
+        let mut d = Vec::new();
+        assert!(set.try_insert(&[word(&[1, 0, 0])], &mut d));
+        assert!(set.try_insert(&[word(&[0, 1, 0])], &mut d));
+        set.weights = vec![0.2, 0.5, 0.3];
+        let y = [word(&[1, 1, 0])];
+        assert!(!set.try_insert(&y, &mut d), "110 is affinely dependent");
+        for (got, want) in d[1..].iter().zip([-1.0, 1.0, 1.0]) {
+            assert!((got - want).abs() < 1e-12, "λ = {:?}", &d[1..]);
+        }
+        let lambda = d[1..].to_vec();
+        assert!(set.exchange(&y, &lambda));
+        let members: Vec<Vec<u8>> = (0..set.len()).map(|j| set.configs.to_u8(j)).collect();
+        assert_eq!(members, vec![vec![0, 0, 0], vec![1, 0, 0], vec![1, 1, 0]]);
+        for (got, want) in set.weights.iter().zip([0.5, 0.2, 0.3]) {
+            assert!((got - want).abs() < 1e-12, "{:?}", set.weights);
+        }
+        // The updated inverse equals one computed from scratch.
+        let updated = set.ainv.clone();
+        set.refactor();
+        let n = set.len() + 1;
+        for a in 0..n {
+            for c in 0..n {
+                let (x, y) = (updated[a * set.stride + c], set.ainv[a * set.stride + c]);
+                assert!((x - y).abs() < 1e-9, "A⁻¹[{a},{c}]: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn budget_shift_is_exact_with_huge_scores() {
+        // s = [1e31, 0.5, 0.4, 0.3], B = 2: bit 0 is on; the other three share one unit of
+        // budget: v = [.75, .7, .65] - θ summing to 1 gives θ = 1.1 / 3, so
+        // μ = [1, 0.3833.., 0.3333.., 0.2833..].
+        let s = [1e31f32, 0.5, 0.4, 0.3];
+        let options = SparseMapOptions {
+            budget: Some(2),
+            ..Default::default()
+        };
+        let sol = sparsemap(&s, 4, &options).unwrap().remove(0);
+        let theta = 1.1 / 3.0;
+        let expected = [1.0, 0.75 - theta, 0.7 - theta, 0.65 - theta];
+        for (got, want) in sol.marginals().iter().zip(expected) {
+            assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+        }
+        assert!(sol.converged);
+    }
+
+    #[test]
+    fn given_init_over_the_remaining_budget_keeps_its_lowest_bits() {
+        // s = [2, 0.2, 0.1, 0, -0.1], B = 2: bit 0 is fixed on, one unit of budget remains for
+        // the free bits 1..4. The given vertex 0 1 1 0 0 is feasible but has two free bits on;
+        // the reduction keeps bit 1 only, and the solve still reaches the optimum.
+        let s = [2.0f32, 0.2, 0.1, 0.0, -0.1];
+        let mut given = BitConfigs::new(5);
+        given.push_bools(&[false, true, true, false, false]);
+        let free = reduce(&s, Some(2));
+        let options = SparseMapOptions {
+            budget: Some(2),
+            max_iter: 100,
+            init: Init::Given(given),
+        };
+        assert_eq!(free.free, vec![1, 2, 3, 4]);
+        assert_eq!(initial_vertex(&free, 0, &options), vec![0b0001]);
+        let sol = sparsemap(&s, 5, &options).unwrap().remove(0);
+        check_solution(&s, &sol, Some(2));
+    }
+
+    #[test]
     fn map_init_starts_at_the_map_and_given_init_is_honoured() {
         // Scores far outside [-1, 1]: the optimum is the MAP vertex itself, found at once.
         let s = [3.0f32, -2.0, 5.0, -4.0];
