@@ -52,6 +52,15 @@ fn answer(request: &str) -> Value {
     serde_json::from_str(&stdout).unwrap()
 }
 
+fn floats(value: &Value) -> Vec<f64> {
+    value
+        .as_array()
+        .expect("a JSON array")
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 fn sparsemax_with_upstream_gives_probabilities_and_the_vjp() {
     // z = [1, 0.5, -1]: p = [0.75, 0.25, 0]; g = [1, 0, 0]: ∇ = [1 - 0.5, 0 - 0.5, 0].
@@ -78,24 +87,14 @@ fn topk_returns_the_reference_golden_example() {
 #[test]
 fn topk_sparsemax_and_sparsemap_answer_in_shape() {
     let a = answer(r#"{"mapping":"topk_sparsemax","scores":[[0.3,-0.2,0.1]],"k":3}"#);
-    let probs: Vec<f64> = a["probs"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let probs = floats(&a["probs"][0]);
     assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-6);
     let a = answer(
         r#"{"mapping":"sparsemap","scores":[[0.5,-3.0,0.2]],"budget":0,
                       "max_iter":300,"init":"random"}"#,
     );
     // Marginals clip((s + 1) / 2, 0, 1) = [0.75, 0, 0.6].
-    let mu: Vec<f64> = a["marginals"][0]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let mu = floats(&a["marginals"][0]);
     for (m, e) in mu.iter().zip([0.75, 0.0, 0.6]) {
         assert!((m - e).abs() < 1e-7, "{m} vs {e} (f32 inputs)");
     }
