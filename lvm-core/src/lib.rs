@@ -44,6 +44,7 @@
 
 pub mod data;
 pub mod error;
+pub mod estimators;
 pub mod mappings;
 pub mod spec;
 

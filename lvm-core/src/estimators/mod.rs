@@ -1,0 +1,80 @@
+//! Gradient estimators and marginalizations for a categorical latent (reference §3): each
+//! turns encoder scores `s ∈ R^{B×K}` and a decoder into a scalar surrogate whose gradient is
+//! the estimator's, and counts the decoder calls it made. The decoder is called once per
+//! batch on every (example, latent value) pair the estimator needs, never once per category.
+//!
+//! Implemented here: dense and sparse marginalization, SFE and SFE+. NVIL, Gumbel-Softmax,
+//! straight-through Gumbel, Sum&Sample and the bit-vector family are not built yet.
+
+pub mod marginal;
+pub mod score_function;
+
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// The decoder as an estimator sees it: given, for `N` (example, latent) pairs, the example
+/// index of each pair and the latent as a row of a `[N, K]` matrix (one-hot or relaxed),
+/// returns the downstream loss `ℓ` of each pair, `[N]`, differentiable in the decoder.
+pub type Decoder<'a> = dyn FnMut(&[usize], Tensor<2>) -> Tensor<1> + 'a;
+
+/// What one estimator step produced.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Scalar surrogate (shape `[1]`): backpropagate this.
+    pub surrogate: Tensor<1>,
+    /// The batch mean of the loss under the estimator's semantics (exact expectation for
+    /// marginalization, the sampled loss for SFE), without the entropy term.
+    pub loss: f64,
+    /// Decoder calls made: (example, latent) pairs decoded in this batch.
+    pub decoder_calls: usize,
+}
+
+/// One-hot rows `[N, K]` for the classes `classes`, on `like`'s device.
+pub(crate) fn one_hot(classes: &[usize], k: usize, like: &Tensor<2>) -> Tensor<2> {
+    let mut rows = vec![0.0f32; classes.len() * k];
+    for (r, &c) in classes.iter().enumerate() {
+        rows[r * k + c] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(rows, [classes.len(), k]), &like.device())
+}
+
+/// `values[b * k + c]` for each (b, c) pair, as a differentiable `[N]` tensor.
+pub(crate) fn pick(values: Tensor<2>, pairs: &[(usize, usize)]) -> Tensor<1> {
+    let [rows, k] = values.dims();
+    let flat: Vec<i64> = pairs.iter().map(|&(b, c)| (b * k + c) as i64).collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(flat, [pairs.len()]), &values.device());
+    values.reshape([rows * k]).select(0, index)
+}
+
+#[cfg(test)]
+pub(crate) mod toy {
+    //! A model small enough to enumerate: K classes, one example, decoder loss `ℓ(c) = θ_c`
+    //! with learnable `θ`, so `E_π[ℓ] = Σ_c π_c θ_c` is exact and its gradients are known.
+
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    use super::Decoder;
+
+    pub fn device() -> Device {
+        Device::flex().autodiff()
+    }
+
+    pub fn param(values: &[f32]) -> Tensor<2> {
+        Tensor::from_data(
+            TensorData::new(values.to_vec(), [1, values.len()]),
+            &device(),
+        )
+        .require_grad()
+    }
+
+    /// `ℓ = latent · θ`: the loss of a one-hot row is `θ_c`.
+    pub fn decoder(theta: &Tensor<2>) -> Box<Decoder<'_>> {
+        Box::new(move |_examples: &[usize], latent: Tensor<2>| {
+            let n = latent.dims()[0];
+            latent.matmul(theta.clone().transpose()).reshape([n])
+        })
+    }
+
+    pub fn values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+        crate::mappings::autodiff::read_f32(t).unwrap()
+    }
+}
