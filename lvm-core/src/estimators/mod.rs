@@ -3,11 +3,13 @@
 //! the estimator's, and counts the decoder calls it made. The decoder is called once per
 //! batch on every (example, latent value) pair the estimator needs, never once per category.
 //!
-//! Implemented here: dense and sparse marginalization, SFE and SFE+. NVIL, Gumbel-Softmax,
-//! straight-through Gumbel, Sum&Sample and the bit-vector family are not built yet.
+//! Implemented here: dense and sparse marginalization, SFE, SFE+, Gumbel-Softmax, straight-
+//! through Gumbel and Sum&Sample. NVIL and the bit-vector family are not built yet.
 
+pub mod gumbel;
 pub mod marginal;
 pub mod score_function;
+pub mod sum_and_sample;
 
 use burn::tensor::{Int, Tensor, TensorData};
 
