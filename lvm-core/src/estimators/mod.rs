@@ -4,8 +4,10 @@
 //! batch on every (example, latent value) pair the estimator needs, never once per category.
 //!
 //! Implemented here: dense and sparse marginalization, SFE, SFE+, Gumbel-Softmax, straight-
-//! through Gumbel and Sum&Sample. NVIL and the bit-vector family are not built yet.
+//! through Gumbel and Sum&Sample; for bit vectors ([`bits`]), top-k sparsemax and SparseMAP
+//! marginalization, Bernoulli SFE, SFE+ and Gumbel. NVIL is not built yet.
 
+pub mod bits;
 pub mod gumbel;
 pub mod marginal;
 pub mod score_function;
