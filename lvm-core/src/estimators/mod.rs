@@ -5,11 +5,13 @@
 //!
 //! Implemented here: dense and sparse marginalization, SFE, SFE+, Gumbel-Softmax, straight-
 //! through Gumbel and Sum&Sample; for bit vectors ([`bits`]), top-k sparsemax and SparseMAP
-//! marginalization, Bernoulli SFE, SFE+ and Gumbel. NVIL is not built yet.
+//! marginalization, Bernoulli SFE, SFE+, NVIL and Gumbel. NVIL takes the outputs of a
+//! baseline network that the task owns.
 
 pub mod bits;
 pub mod gumbel;
 pub mod marginal;
+pub mod nvil;
 pub mod score_function;
 pub mod sum_and_sample;
 

@@ -115,7 +115,7 @@ impl ScoreFunction {
 }
 
 /// One draw from a categorical distribution given by `probs` (inverse CDF).
-fn sample(probs: &[f32], rng: &mut impl Rng) -> usize {
+pub(crate) fn sample(probs: &[f32], rng: &mut impl Rng) -> usize {
     let u: f64 = rng.random();
     let mut cumulative = 0.0;
     for (c, &p) in probs.iter().enumerate() {
