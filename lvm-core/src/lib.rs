@@ -45,6 +45,7 @@
 pub mod data;
 pub mod error;
 pub mod estimators;
+pub mod likelihood;
 pub mod mappings;
 pub mod spec;
 
