@@ -1,10 +1,12 @@
 //! Datasets: the IDX and NPY readers, the pinned dataset files and the data directory that
-//! verifies and, when needed, downloads them, and typed loaders for what the tasks read.
+//! verifies and, when needed, downloads them, typed loaders for what the tasks read, and the
+//! signalling game's images and sampler.
 
 pub mod error;
 pub mod files;
 pub mod idx;
 pub mod npy;
+pub mod signal_game;
 
 use std::path::Path;
 

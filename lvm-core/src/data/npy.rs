@@ -224,7 +224,7 @@ fn decode(descr: &str, data: &[u8], count: usize, file: &Path) -> Result<NpyData
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
