@@ -62,7 +62,7 @@ impl GameImages {
             detail,
         };
         if dim == 0 || features.len() != labels.len() * dim {
-            let rows = if dim == 0 { 0 } else { features.len() / dim };
+            let rows = features.len().checked_div(dim).unwrap_or(0);
             return Err(shape(format!(
                 "{rows} feature rows of {dim} for {} labels",
                 labels.len()
