@@ -35,6 +35,16 @@ pub enum MappingError {
         /// The limit.
         max: usize,
     },
+    /// A tensor that must be finite holds NaN or an infinity.
+    #[error("{what}: entry {index} is {value}, expected a finite value")]
+    NonFiniteInput {
+        /// Which input.
+        what: &'static str,
+        /// Flat index of the first bad entry.
+        index: usize,
+        /// The offending value.
+        value: f32,
+    },
     /// Every entry of a row was `-inf`, so no distribution over it exists.
     #[error("row {row}: every score is -inf, so there is no category to put mass on")]
     AllMasked {

@@ -24,7 +24,7 @@ use crate::mappings::autodiff::read_f32;
 /// `h`: `[E, P, R]`, `w`: `[R, V]`, `c`: `[V]`, `targets`: `E·P` values below `V` → `[E]`.
 ///
 /// # Panics
-/// If `targets.len() != E·P`.
+/// If `targets.len() != E·P` or a target is not below `V`.
 pub fn pixel_nll_materialized(
     h: Tensor<3>,
     w: Tensor<2>,
@@ -34,6 +34,10 @@ pub fn pixel_nll_materialized(
     let [examples, pixels, rank] = h.dims();
     let values = w.dims()[1];
     assert_eq!(targets.len(), examples * pixels, "one target per pixel");
+    assert!(
+        targets.iter().all(|&t| usize::from(t) < values),
+        "pixel targets below {values}"
+    );
     let logits = h
         .reshape([examples * pixels, rank])
         .matmul(w)
@@ -69,6 +73,15 @@ pub fn pixel_nll_fused(
     let values = w.dims()[1];
     assert_eq!(targets.len(), examples * pixels, "one target per pixel");
     let (hv, wv, cv) = (read_f32(&h)?, read_f32(&w)?, read_f32(&c)?);
+    for (what, values) in [("h", &hv), ("W", &wv), ("c", &cv)] {
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(MappingError::NonFiniteInput {
+                what,
+                index,
+                value: values[index],
+            });
+        }
+    }
 
     // Per example: the value, ∂/∂h (P×R), ∂/∂W (R×V) and ∂/∂c (V).
     let per_example: Vec<ExampleGrad> = (0..examples)
@@ -199,8 +212,9 @@ fn example_nll(
 
 /// `e^x` for `x <= 0` to about 2e-7 relative error, branch-free so that loops over it
 /// vectorize: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-6 polynomial for `e^r`, and
-/// `2^n` built in the exponent bits. Inputs below -87 return 0 (e^-87 is below f32's normal
-/// range).
+/// `2^n` built in the exponent bits. Inputs below -87 return 0 (e^-87 ≈ 1.6e-38 is the edge
+/// of f32's normal range, and such a term cannot change a sum that includes e^0 = 1). Inputs
+/// must be finite (callers check).
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     // Round to nearest with the 1.5·2^23 trick (no SSE4.1 rounding instruction needed).
@@ -343,6 +357,24 @@ mod tests {
             x += 0.0137;
         }
         assert_eq!(fast_exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn non_finite_inputs_are_refused_not_hidden() {
+        let (h, w) = (leaf(vec![0.1; 4], [1, 1, 4]), leaf(vec![0.2; 16], [4, 4]));
+        let c = leaf(vec![0.0, 0.0, f32::NAN, 0.0], [4]);
+        let err = pixel_nll_fused(h, w, c, &[1]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MappingError::NonFiniteInput {
+                    what: "c",
+                    index: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -238,12 +238,22 @@ impl DataDir {
         let bytes = download(&url).map_err(missing)?;
         verified(file, &bytes, Path::new(&url))?;
 
-        // Write beside the target, then rename: a crash never leaves a partial file in place.
+        // Write beside the target, flush to disk, then rename: neither a crash nor a power
+        // loss leaves a partial file at `path`, and a failed write leaves nothing behind.
         let parent = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| DataError::io(parent, e))?;
-        let partial = path.with_extension(format!("partial-{}", std::process::id()));
-        std::fs::write(&partial, &bytes).map_err(|e| DataError::io(&partial, e))?;
-        std::fs::rename(&partial, path).map_err(|e| DataError::io(path, e))
+        let partial = path.with_extension(format!(
+            "partial-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let written = std::fs::File::create(&partial)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&partial, path));
+        written.map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            DataError::io(path, e)
+        })
     }
 }
 

@@ -98,8 +98,10 @@ fn bernoulli_entropy(scores: Tensor<2>) -> Tensor<1> {
 /// Bernoulli SFE or SFE+ over bit vectors (reference §4.1), with the baseline's state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BernoulliScoreFunction {
-    /// The baseline (the running average is updated after each step).
+    /// The baseline (the running average is updated after each training step).
     pub baseline: Baseline,
+    /// Whether steps update the running average (true in training, false in evaluation).
+    pub training: bool,
 }
 
 impl BernoulliScoreFunction {
@@ -147,8 +149,10 @@ impl BernoulliScoreFunction {
         let advantage = match &mut self.baseline {
             Baseline::RunningAverage { mean, steps } => {
                 let advantage = loss.clone().detach().sub_scalar(*mean);
-                *steps += 1;
-                *mean += (loss_mean - *mean) / *steps as f64;
+                if self.training {
+                    *steps += 1;
+                    *mean += (loss_mean - *mean) / *steps as f64;
+                }
                 advantage
             }
             Baseline::Sample => loss
@@ -313,12 +317,14 @@ mod tests {
                         mean: 0.0,
                         steps: 0,
                     },
+                    training: true,
                 },
                 1,
             ),
             (
                 BernoulliScoreFunction {
                     baseline: Baseline::Sample,
+                    training: true,
                 },
                 2,
             ),
@@ -380,6 +386,25 @@ mod tests {
             "{}",
             sum_b / n
         );
+    }
+
+    #[test]
+    fn straight_through_forward_is_a_sample_not_the_mode() {
+        // Deviation O5: at s = 0 the mode 1[s > 0] is always 0, while the rounded relaxed
+        // sample is 1 half the time; over 400 draws both values must appear.
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let theta = toy::param(&[1.0]);
+        let mut ones = 0;
+        for _ in 0..400 {
+            let mut decoder = |_: &[usize], latent: Tensor<2>| {
+                ones += usize::from(toy::values(&latent)[0] == 1.0);
+                latent.matmul(theta.clone().transpose()).reshape([1])
+            };
+            bernoulli_gumbel_step(toy::param(&[0.0]), 0.5, true, 0.0, &mut decoder, &mut rng)
+                .unwrap();
+        }
+        // Binomial(400, ½): mean 200, sd 10.
+        assert!((150..=250).contains(&ones), "{ones} ones");
     }
 
     #[test]

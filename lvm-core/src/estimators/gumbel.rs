@@ -166,5 +166,39 @@ mod tests {
         assert_eq!(temperature(999, 1e-4, 1000, 0.5), 1.0);
         assert!((temperature(1000, 1e-4, 1000, 0.5) - (-0.1f64).exp()).abs() < 1e-12);
         assert_eq!(temperature(7000, 1e-4, 1000, 0.5), 0.5);
+        // Reference §9.4: decay 1e-5 reaches 0.5 at step 70,000 (e^{-0.69} = 0.5016 before).
+        assert!((temperature(69_999, 1e-5, 1000, 0.5) - (-0.69f64).exp()).abs() < 1e-12);
+        assert_eq!(temperature(70_000, 1e-5, 1000, 0.5), 0.5);
+    }
+
+    #[test]
+    fn relaxed_samples_lie_on_the_simplex_and_harden_as_tau_falls() {
+        // Through gumbel_step itself: every relaxed row sums to 1, and at τ = 0.01 nearly
+        // every row is within 1e-2 of a one-hot vector, while at τ = 10 none is.
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let theta = toy::param(&[1.0, 2.0, 3.0]);
+        for (tau, hard_share) in [(0.01, 0.95), (10.0, 0.0)] {
+            let mut rows = Vec::new();
+            let mut decoder = |_: &[usize], latent: Tensor<2>| {
+                rows.extend(toy::values(&latent).chunks(3).map(|r| r.to_vec()));
+                let n = latent.dims()[0];
+                latent.matmul(theta.clone().transpose()).reshape([n])
+            };
+            let scores = toy::param(&[0.3, -0.2, 0.1]).repeat_dim(0, 200);
+            gumbel_step(scores, tau, false, 0.0, &mut decoder, &mut rng).unwrap();
+            assert!(
+                rows.iter()
+                    .all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5)
+            );
+            let hard = rows.iter().filter(|r| r.iter().any(|&v| v > 0.99)).count();
+            if hard_share > 0.0 {
+                assert!(
+                    hard as f64 >= hard_share * 200.0,
+                    "τ = {tau}: {hard} hard rows"
+                );
+            } else {
+                assert_eq!(hard, 0, "τ = {tau}");
+            }
+        }
     }
 }

@@ -44,8 +44,9 @@ pub fn marginalize(
 
     // Every (example, class) pair with positive weight, decoded in one call.
     let weights = read_f32(&probs)?;
+    // Softmax decodes every class (an entry that underflowed to 0 still counts: K per example).
     let pairs: Vec<(usize, usize)> = (0..batch * k)
-        .filter(|&i| weights[i] > 0.0)
+        .filter(|&i| normalizer == Normalizer::Softmax || weights[i] > 0.0)
         .map(|i| (i / k, i % k))
         .collect();
     let examples: Vec<usize> = pairs.iter().map(|p| p.0).collect();

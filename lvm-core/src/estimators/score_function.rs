@@ -37,6 +37,8 @@ pub enum Baseline {
 pub struct ScoreFunction {
     /// The baseline and its state.
     pub baseline: Baseline,
+    /// Whether steps update the running average (true in training, false in evaluation).
+    pub training: bool,
 }
 
 impl ScoreFunction {
@@ -47,6 +49,7 @@ impl ScoreFunction {
                 mean: 0.0,
                 steps: 0,
             },
+            training: true,
         }
     }
 
@@ -54,6 +57,7 @@ impl ScoreFunction {
     pub fn sfe_plus() -> Self {
         Self {
             baseline: Baseline::Sample,
+            training: true,
         }
     }
 
@@ -87,8 +91,10 @@ impl ScoreFunction {
         let advantage = match &mut self.baseline {
             Baseline::RunningAverage { mean, steps } => {
                 let advantage = loss.clone().detach().sub_scalar(*mean);
-                *steps += 1;
-                *mean += (loss_mean - *mean) / *steps as f64;
+                if self.training {
+                    *steps += 1;
+                    *mean += (loss_mean - *mean) / *steps as f64;
+                }
                 advantage
             }
             Baseline::Sample => loss

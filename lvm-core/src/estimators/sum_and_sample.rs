@@ -28,6 +28,8 @@ pub struct SumAndSample {
     pub k: usize,
     /// Running-average baseline `b` and the steps it averages.
     pub baseline: (f64, u64),
+    /// Whether steps update the baseline (true in training, false in evaluation).
+    pub training: bool,
 }
 
 impl SumAndSample {
@@ -36,6 +38,7 @@ impl SumAndSample {
         Self {
             k,
             baseline: (0.0, 0),
+            training: true,
         }
     }
 
@@ -86,8 +89,10 @@ impl SumAndSample {
             / batch as f64;
         let (mean, steps) = &mut self.baseline;
         let advantage = losses.clone().detach().sub_scalar(*mean);
-        *steps += 1;
-        *mean += (loss - *mean) / *steps as f64;
+        if self.training {
+            *steps += 1;
+            *mean += (loss - *mean) / *steps as f64;
+        }
         let log_q = pick(log_softmax(scores, 1), &pairs);
         let terms = advantage.mul(log_q).add(losses).mul(w);
         let entropy = mappings::entropy(probs).mean();
