@@ -80,6 +80,57 @@ pub(crate) mod toy {
         })
     }
 
+    /// Running mean and standard error of a gradient over Monte Carlo steps.
+    pub struct MonteCarlo {
+        steps: f64,
+        sum: Vec<f64>,
+        sum_sq: Vec<f64>,
+    }
+
+    impl MonteCarlo {
+        pub fn new(dim: usize) -> Self {
+            Self {
+                steps: 0.0,
+                sum: vec![0.0; dim],
+                sum_sq: vec![0.0; dim],
+            }
+        }
+
+        pub fn add(&mut self, gradient: &[f32]) {
+            self.steps += 1.0;
+            for ((s, q), &g) in self.sum.iter_mut().zip(&mut self.sum_sq).zip(gradient) {
+                *s += f64::from(g);
+                *q += f64::from(g).powi(2);
+            }
+        }
+
+        /// Asserts every mean is within five standard errors (plus 1e-3) of `exact`.
+        pub fn assert_matches(&self, exact: &[f64], what: &str) {
+            for (i, &want) in exact.iter().enumerate() {
+                let mean = self.sum[i] / self.steps;
+                let stderr = ((self.sum_sq[i] / self.steps - mean * mean) / self.steps).sqrt();
+                assert!(
+                    (mean - want).abs() < 5.0 * stderr + 1e-3,
+                    "{what}[{i}]: {mean} vs {want}"
+                );
+            }
+        }
+    }
+
+    /// The exact gradient of `E_q[θ_z]` in the scores for `q = softmax(s)`, by hand:
+    /// `∂/∂s_c = q_c (θ_c - Σ_j q_j θ_j)`; also returns `q`.
+    pub fn softmax_expectation_gradient(s: &[f32], theta: &[f32]) -> (Vec<f64>, Vec<f64>) {
+        let e: Vec<f64> = s.iter().map(|&v| f64::from(v).exp()).collect();
+        let q: Vec<f64> = e.iter().map(|v| v / e.iter().sum::<f64>()).collect();
+        let mean: f64 = q.iter().zip(theta).map(|(q, &t)| q * f64::from(t)).sum();
+        let grad = q
+            .iter()
+            .zip(theta)
+            .map(|(q, &t)| q * (f64::from(t) - mean))
+            .collect();
+        (grad, q)
+    }
+
     pub fn values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
         crate::mappings::autodiff::read_f32(t).unwrap()
     }

@@ -32,6 +32,32 @@ pub enum Baseline {
     Sample,
 }
 
+impl Baseline {
+    /// `(ℓ - β)_det` for the first `batch` of `losses`. For [`Baseline::Sample`] the next
+    /// `batch` losses are those of the baseline samples; a running average is updated with
+    /// `loss_mean` afterwards when `training`.
+    pub(crate) fn advantage(
+        &mut self,
+        losses: &Tensor<1>,
+        batch: usize,
+        loss_mean: f64,
+        training: bool,
+    ) -> Tensor<1> {
+        let loss = losses.clone().narrow(0, 0, batch).detach();
+        match self {
+            Baseline::RunningAverage { mean, steps } => {
+                let advantage = loss.sub_scalar(*mean);
+                if training {
+                    *steps += 1;
+                    *mean += (loss_mean - *mean) / *steps as f64;
+                }
+                advantage
+            }
+            Baseline::Sample => loss.sub(losses.clone().narrow(0, batch, batch).detach()),
+        }
+    }
+}
+
 /// SFE (running-average baseline) or SFE+ (sample baseline).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreFunction {
@@ -88,20 +114,9 @@ impl ScoreFunction {
 
         // β: the running average (a constant) or the detached loss of z'.
         let loss_mean = f64::from(read_f32(&loss.clone().mean().reshape([1, 1]))?[0]);
-        let advantage = match &mut self.baseline {
-            Baseline::RunningAverage { mean, steps } => {
-                let advantage = loss.clone().detach().sub_scalar(*mean);
-                if self.training {
-                    *steps += 1;
-                    *mean += (loss_mean - *mean) / *steps as f64;
-                }
-                advantage
-            }
-            Baseline::Sample => loss
-                .clone()
-                .detach()
-                .sub(losses.narrow(0, batch, batch).detach()),
-        };
+        let advantage = self
+            .baseline
+            .advantage(&losses, batch, loss_mean, self.training);
 
         // L = mean[(ℓ - β)_det log q(z) + ℓ] - λ mean H(q).
         let pairs: Vec<(usize, usize)> = (0..batch).map(|b| (b, classes[b])).collect();
@@ -145,23 +160,15 @@ mod tests {
     use super::*;
     use crate::estimators::toy;
 
-    /// Over many steps the mean SFE gradient matches the exact gradient of `E_q[θ_z]`:
-    /// `∂/∂s_c = q_c (θ_c - Σ_j q_j θ_j)` and `∂/∂θ_c = q_c` (computed by hand), within five
-    /// Monte Carlo standard errors.
+    /// Over many steps the mean SFE gradient matches the exact gradient of `E_q[θ_z]`, within
+    /// five Monte Carlo standard errors.
     fn check_unbiased(mut estimator: ScoreFunction, calls_per_example: usize) {
         let s = [0.4f32, -0.2, 0.9, 0.0];
         let theta = [1.0f32, -2.0, 0.5, 3.0];
-        let e: Vec<f64> = s.iter().map(|&v| f64::from(v).exp()).collect();
-        let q: Vec<f64> = e.iter().map(|v| v / e.iter().sum::<f64>()).collect();
-        let mean_theta: f64 = q.iter().zip(theta).map(|(q, t)| q * f64::from(t)).sum();
-        let exact_s: Vec<f64> = (0..4)
-            .map(|c| q[c] * (f64::from(theta[c]) - mean_theta))
-            .collect();
-
+        let (exact_s, q) = toy::softmax_expectation_gradient(&s, &theta);
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let steps = 3000;
-        let (mut sum, mut sum_sq, mut sum_theta) = ([0.0f64; 4], [0.0f64; 4], [0.0f64; 4]);
-        for _ in 0..steps {
+        let (mut grad_s, mut grad_theta) = (toy::MonteCarlo::new(4), toy::MonteCarlo::new(4));
+        for _ in 0..3000 {
             let scores = toy::param(&s);
             let th = toy::param(&theta);
             let step = estimator
@@ -169,29 +176,12 @@ mod tests {
                 .unwrap();
             assert_eq!(step.decoder_calls, calls_per_example);
             let grads = step.surrogate.backward();
-            let g = toy::values(&scores.grad(&grads).unwrap());
-            let gt = toy::values(&th.grad(&grads).unwrap());
-            for c in 0..4 {
-                sum[c] += f64::from(g[c]);
-                sum_sq[c] += f64::from(g[c]).powi(2);
-                sum_theta[c] += f64::from(gt[c]);
-            }
+            grad_s.add(&toy::values(&scores.grad(&grads).unwrap()));
+            grad_theta.add(&toy::values(&th.grad(&grads).unwrap()));
         }
-        let n = f64::from(steps);
-        for c in 0..4 {
-            let mean = sum[c] / n;
-            let stderr = ((sum_sq[c] / n - mean * mean) / n).sqrt();
-            assert!(
-                (mean - exact_s[c]).abs() < 5.0 * stderr + 1e-3,
-                "ds{c}: {mean} vs {}",
-                exact_s[c]
-            );
-            // ∂/∂θ_c of the pathwise term is 1[z = c]: a frequency with stderr ≤ 0.5/√n.
-            assert!(
-                (sum_theta[c] / n - q[c]).abs() < 5.0 * 0.5 / n.sqrt(),
-                "dθ{c}"
-            );
-        }
+        grad_s.assert_matches(&exact_s, "ds");
+        // ∂/∂θ_c of the pathwise term is 1[z = c], whose mean is q_c.
+        grad_theta.assert_matches(&q, "dθ");
     }
 
     #[test]
