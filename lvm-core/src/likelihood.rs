@@ -150,7 +150,8 @@ struct ExampleGrad {
 ///
 /// ```text
 /// ∂/∂h(p, r) = Σ_v π(p, v) W(r, v) - W(r, x_p)
-/// ∂/∂W(r, v) = Σ_p h(p, r) (π(p, v) - 1[v = x_p]),   ∂/∂c(v) = Σ_p π(p, v) - 1[v = x_p]
+/// ∂/∂W(r, v) = Σ_p h(p, r) (π(p, v) - 1[v = x_p])
+/// ∂/∂c(v) = Σ_p π(p, v) - 1[v = x_p]
 /// ```
 fn example_nll(
     h: &[f32],

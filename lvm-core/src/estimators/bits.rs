@@ -164,7 +164,8 @@ impl BernoulliScoreFunction {
 }
 
 /// Bernoulli NVIL (reference §4.2): one sample `z ~ q`, the learned baseline `b_ψ(x)` given
-/// by the task's network, `L = mean[(ℓ - b)_det log q(z) + ℓ + (ℓ_det - b)²] - λ mean H(q)`.
+/// by the task's network:
+/// `L = mean[(ℓ - b)_det log q(z) + ℓ + (ℓ_det - b)²] - λ mean H(q)`.
 ///
 /// # Shapes
 /// `scores`: `[B, D]`, `baseline`: `[B]`.
@@ -244,8 +245,8 @@ mod tests {
 
     #[test]
     fn sparsemap_marginalization_gradient_is_half_theta_on_fractional_bits() {
-        // With ℓ(z) = θ·z, E_p[ℓ] = θ·μ and μ = clip((s + 1) / 2, 0, 1) (reference §5.2), so
-        // ∂/∂s_i = θ_i / 2 where 0 < μ_i < 1 and 0 where μ_i is clipped (by hand).
+        // With ℓ(z) = θ·z, E_p[ℓ] = θ·μ, and μ = clip((s + 1) / 2, 0, 1) by reference
+        // §5.2; so ∂/∂s_i = θ_i / 2 where 0 < μ_i < 1 and 0 where μ_i is clipped (by hand).
         let s = [0.4f32, -0.6, 2.0, 0.1, -1.5];
         let theta = [1.0f32, -2.0, 0.5, 3.0, 4.0];
         let scores = toy::param(&s);

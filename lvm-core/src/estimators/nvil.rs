@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! z_b ~ q_b = softmax(s_b)
-//! L = mean_b [ (ℓ_b - b_ψ(x_b))_det log q_b(z_b) + ℓ_b + (ℓ_b,det - b_ψ(x_b))² ] - λ mean H(q)
+//! L = mean_b [ (ℓ_b - b_ψ(x_b))_det log q_b(z_b) + ℓ_b + (ℓ_b,det - b_ψ(x_b))² ]
+//!     - λ mean H(q)
 //! ```
 
 use burn::tensor::Tensor;

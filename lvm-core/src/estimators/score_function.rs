@@ -196,8 +196,8 @@ mod tests {
 
     #[test]
     fn running_average_is_the_cumulative_mean_updated_after_use() {
-        // Reference §3.1: b_0 = 0, b_t = b_{t-1} + (ℓ̄_t - b_{t-1}) / t. With ℓ ≡ θ_z and all
-        // θ equal to 2, ℓ̄ = 2 every step, so b goes 0 → 2 → 2.
+        // Reference §3.1: b_0 = 0, b_t = b_{t-1} + (ℓ̄_t - b_{t-1}) / t. With ℓ ≡ θ_z and
+        // every θ equal to 2, ℓ̄ = 2 at each step, so b goes 0 → 2 → 2.
         let mut estimator = ScoreFunction::sfe();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let th = toy::param(&[2.0, 2.0]);

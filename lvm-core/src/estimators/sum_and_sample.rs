@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! q̄ = detach(softmax(s)),  C = top-k(q̄),  w = Σ_{c∉C} q̄_c,  z ~ q̄ restricted to C^c
-//! L = mean_b [ Σ_{c∈C} q̄_c ((ℓ_c - β)_det log q_c + ℓ_c) + w ((ℓ_z - β)_det log q_z + ℓ_z) ]
+//! L = mean_b [ Σ_{c∈C} q̄_c ((ℓ_c - β)_det log q_c + ℓ_c)
+//!              + w ((ℓ_z - β)_det log q_z + ℓ_z) ]
 //!     - λ mean_b H(q)
 //! ```
 //!
