@@ -16,7 +16,7 @@ use rand::Rng;
 
 use super::nvil::learned_baseline_step;
 use super::score_function::Baseline;
-use super::{Decoder, Step, pick};
+use super::{Decoder, Step, pick, scalar};
 use crate::error::MappingError;
 use crate::mappings::{self, SparseMapOptions, autodiff::read_f32};
 
@@ -76,7 +76,7 @@ pub fn marginalize_bits(
         .mul(losses)
         .sum()
         .div_scalar(batch as f64);
-    let loss = f64::from(read_f32(&expected.clone().reshape([1, 1]))?[0]);
+    let loss = scalar(expected.clone())?;
     let entropy = mappings::entropy(probs).mean();
     Ok(Step {
         surrogate: expected.sub(entropy.mul_scalar(entropy_coeff)),
@@ -91,6 +91,36 @@ fn bernoulli_entropy(scores: Tensor<2>) -> Tensor<1> {
     let p = sigmoid(scores.clone());
     softplus(scores.clone(), 1.0)
         .sub(p.mul(scores))
+        .sum_dim(1)
+        .reshape([batch])
+}
+
+/// `draws` independent samples `z ~ q` per example, stacked draw by draw: `[draws·B, D]`.
+fn sample_bits(
+    scores: &Tensor<2>,
+    draws: usize,
+    rng: &mut impl Rng,
+) -> Result<Tensor<2>, MappingError> {
+    let [batch, bits] = scores.dims();
+    let p = read_f32(&sigmoid(scores.clone()))?;
+    let samples: Vec<f32> = (0..draws)
+        .flat_map(|_| {
+            p.iter()
+                .map(|&pi| f32::from(u8::from(rng.random::<f32>() < pi)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Ok(Tensor::from_data(
+        TensorData::new(samples, [draws * batch, bits]),
+        &scores.device(),
+    ))
+}
+
+/// `log q(z) = s·z - Σ_i softplus(s_i)` per example, `[B]`.
+fn bernoulli_log_prob(z: Tensor<2>, scores: Tensor<2>) -> Tensor<1> {
+    let [batch, _] = scores.dims();
+    z.mul(scores.clone())
+        .sub(softplus(scores, 1.0))
         .sum_dim(1)
         .reshape([batch])
 }
@@ -116,36 +146,18 @@ impl BernoulliScoreFunction {
         decoder: &mut Decoder<'_>,
         rng: &mut impl Rng,
     ) -> Result<Step, MappingError> {
-        let [batch, bits] = scores.dims();
-        let p = read_f32(&sigmoid(scores.clone()))?;
+        let [batch, _] = scores.dims();
         let draws = if self.baseline == Baseline::Sample {
             2
         } else {
             1
         };
-        let samples: Vec<f32> = (0..draws)
-            .flat_map(|_| {
-                p.iter()
-                    .map(|&pi| f32::from(u8::from(rng.random::<f32>() < pi)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let latent = Tensor::<2>::from_data(
-            TensorData::new(samples, [draws * batch, bits]),
-            &scores.device(),
-        );
+        let latent = sample_bits(&scores, draws, rng)?;
         let examples: Vec<usize> = (0..draws).flat_map(|_| 0..batch).collect();
         let losses = decoder(&examples, latent.clone());
         let loss = losses.clone().narrow(0, 0, batch);
-        let loss_mean = f64::from(read_f32(&loss.clone().mean().reshape([1, 1]))?[0]);
-
-        // log q(z) = s·z - Σ softplus(s), for the first sample.
-        let z = latent.narrow(0, 0, batch);
-        let log_q = z
-            .mul(scores.clone())
-            .sub(softplus(scores.clone(), 1.0))
-            .sum_dim(1)
-            .reshape([batch]);
+        let loss_mean = scalar(loss.clone().mean())?;
+        let log_q = bernoulli_log_prob(latent.narrow(0, 0, batch), scores.clone());
         let advantage = self
             .baseline
             .advantage(&losses, batch, loss_mean, self.training);
@@ -176,20 +188,11 @@ pub fn bernoulli_nvil_step(
     decoder: &mut Decoder<'_>,
     rng: &mut impl Rng,
 ) -> Result<Step, MappingError> {
-    let [batch, bits] = scores.dims();
-    let p = read_f32(&sigmoid(scores.clone()))?;
-    let sample: Vec<f32> = p
-        .iter()
-        .map(|&pi| f32::from(u8::from(rng.random::<f32>() < pi)))
-        .collect();
-    let z = Tensor::<2>::from_data(TensorData::new(sample, [batch, bits]), &scores.device());
+    let [batch, _] = scores.dims();
+    let z = sample_bits(&scores, 1, rng)?;
     let examples: Vec<usize> = (0..batch).collect();
     let loss = decoder(&examples, z.clone());
-    let log_q = z
-        .mul(scores.clone())
-        .sub(softplus(scores.clone(), 1.0))
-        .sum_dim(1)
-        .reshape([batch]);
+    let log_q = bernoulli_log_prob(z, scores.clone());
     let entropy = bernoulli_entropy(scores).mean().mul_scalar(entropy_coeff);
     learned_baseline_step(loss, log_q, baseline, entropy)
 }
@@ -225,7 +228,7 @@ pub fn bernoulli_gumbel_step(
     };
     let examples: Vec<usize> = (0..batch).collect();
     let expected = decoder(&examples, latent).mean();
-    let loss = f64::from(read_f32(&expected.clone().reshape([1, 1]))?[0]);
+    let loss = scalar(expected.clone())?;
     let entropy = bernoulli_entropy(scores).mean();
     Ok(Step {
         surrogate: expected.sub(entropy.mul_scalar(entropy_coeff)),

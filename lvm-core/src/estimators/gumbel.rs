@@ -11,7 +11,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, TensorData};
 use rand::Rng;
 
-use super::{Decoder, Step, one_hot};
+use super::{Decoder, Step, one_hot, scalar};
 use crate::error::MappingError;
 use crate::mappings::{self, autodiff::read_f32};
 
@@ -60,7 +60,7 @@ pub fn gumbel_step(
 
     // L = mean ℓ - λ mean H(softmax(s)).
     let expected = losses.mean();
-    let loss = f64::from(read_f32(&expected.clone().reshape([1, 1]))?[0]);
+    let loss = scalar(expected.clone())?;
     let entropy = mappings::entropy(softmax(scores, 1)).mean();
     let surrogate = expected.sub(entropy.mul_scalar(entropy_coeff));
     Ok(Step {

@@ -7,7 +7,7 @@
 use burn::tensor::Tensor;
 use burn::tensor::activation::softmax;
 
-use super::{Decoder, Step, one_hot, pick};
+use super::{Decoder, Step, one_hot, pick, scalar};
 use crate::error::MappingError;
 use crate::mappings::{self, autodiff::read_f32};
 
@@ -59,7 +59,7 @@ pub fn marginalize(
         .sum()
         .div_scalar(batch as f64);
     let entropy = mappings::entropy(probs).mean();
-    let loss = f64::from(read_f32(&expected.clone().reshape([1, 1]))?[0]);
+    let loss = scalar(expected.clone())?;
     let surrogate = expected.sub(entropy.mul_scalar(entropy_coeff));
     Ok(Step {
         surrogate,

@@ -17,6 +17,9 @@ pub mod sum_and_sample;
 
 use burn::tensor::{Int, Tensor, TensorData};
 
+use crate::error::MappingError;
+use crate::mappings::autodiff::read_f32;
+
 /// The decoder as an estimator sees it: given, for `N` (example, latent) pairs, the example
 /// index of each pair and the latent as a row of a `[N, K]` matrix (one-hot or relaxed),
 /// returns the downstream loss `ℓ` of each pair, `[N]`, differentiable in the decoder.
@@ -32,6 +35,11 @@ pub struct Step {
     pub loss: f64,
     /// Decoder calls made: (example, latent) pairs decoded in this batch.
     pub decoder_calls: usize,
+}
+
+/// The value of a one-element tensor, read back as `f64`.
+pub(crate) fn scalar(t: Tensor<1>) -> Result<f64, MappingError> {
+    Ok(f64::from(read_f32(&t.reshape([1, 1]))?[0]))
 }
 
 /// One-hot rows `[N, K]` for the classes `classes`, on `like`'s device.

@@ -13,7 +13,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use rand::Rng;
 
 use super::score_function::sample;
-use super::{Decoder, Step, one_hot, pick};
+use super::{Decoder, Step, one_hot, pick, scalar};
 use crate::error::MappingError;
 use crate::mappings::{self, autodiff::read_f32};
 
@@ -52,7 +52,7 @@ pub(crate) fn learned_baseline_step(
     weighted_entropy: Tensor<1>,
 ) -> Result<Step, MappingError> {
     let batch = loss.dims()[0];
-    let loss_mean = f64::from(read_f32(&loss.clone().mean().reshape([1, 1]))?[0]);
+    let loss_mean = scalar(loss.clone().mean())?;
 
     // (ℓ - b)_det log q + ℓ + (ℓ_det - b)².
     let score = loss

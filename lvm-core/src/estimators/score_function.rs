@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::{log_softmax, softmax};
 use rand::Rng;
 
-use super::{Decoder, Step, one_hot, pick};
+use super::{Decoder, Step, one_hot, pick, scalar};
 use crate::error::MappingError;
 use crate::mappings::{self, autodiff::read_f32};
 
@@ -113,7 +113,7 @@ impl ScoreFunction {
         let loss = losses.clone().narrow(0, 0, batch);
 
         // β: the running average (a constant) or the detached loss of z'.
-        let loss_mean = f64::from(read_f32(&loss.clone().mean().reshape([1, 1]))?[0]);
+        let loss_mean = scalar(loss.clone().mean())?;
         let advantage = self
             .baseline
             .advantage(&losses, batch, loss_mean, self.training);
@@ -201,35 +201,17 @@ mod tests {
         let mut estimator = ScoreFunction::sfe();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let th = toy::param(&[2.0, 2.0]);
-        estimator
-            .step(
-                toy::param(&[0.1, 0.2]),
-                0.0,
-                &mut *toy::decoder(&th),
-                &mut rng,
-            )
-            .unwrap();
-        assert_eq!(
-            estimator.baseline,
-            Baseline::RunningAverage {
-                mean: 2.0,
-                steps: 1
-            }
-        );
-        estimator
-            .step(
-                toy::param(&[0.1, 0.2]),
-                0.0,
-                &mut *toy::decoder(&th),
-                &mut rng,
-            )
-            .unwrap();
-        assert_eq!(
-            estimator.baseline,
-            Baseline::RunningAverage {
-                mean: 2.0,
-                steps: 2
-            }
-        );
+        // The third step evaluates: reference §3.1 updates the average in training only.
+        for (steps, training) in [(1, true), (2, true), (2, false)] {
+            estimator.training = training;
+            let scores = toy::param(&[0.1, 0.2]);
+            estimator
+                .step(scores, 0.0, &mut *toy::decoder(&th), &mut rng)
+                .unwrap();
+            assert_eq!(
+                estimator.baseline,
+                Baseline::RunningAverage { mean: 2.0, steps }
+            );
+        }
     }
 }

@@ -18,7 +18,8 @@ use burn::tensor::Tensor;
 use burn::tensor::activation::{log_softmax, softmax};
 use rand::Rng;
 
-use super::{Decoder, Step, one_hot, pick};
+use super::score_function::Baseline;
+use super::{Decoder, Step, one_hot, pick, scalar};
 use crate::error::MappingError;
 use crate::mappings::{self, autodiff::read_f32};
 
@@ -27,8 +28,8 @@ use crate::mappings::{self, autodiff::read_f32};
 pub struct SumAndSample {
     /// Classes summed exactly per example.
     pub k: usize,
-    /// Running-average baseline `b` and the steps it averages.
-    pub baseline: (f64, u64),
+    /// The running-average baseline.
+    pub baseline: Baseline,
     /// Whether steps update the baseline (true in training, false in evaluation).
     pub training: bool,
 }
@@ -38,7 +39,10 @@ impl SumAndSample {
     pub fn new(k: usize) -> Self {
         Self {
             k,
-            baseline: (0.0, 0),
+            baseline: Baseline::RunningAverage {
+                mean: 0.0,
+                steps: 0,
+            },
             training: true,
         }
     }
@@ -86,14 +90,8 @@ impl SumAndSample {
             burn::tensor::TensorData::new(weights.clone(), [n]),
             &scores.device(),
         );
-        let loss = f64::from(read_f32(&losses.clone().mul(w.clone()).sum().reshape([1, 1]))?[0])
-            / batch as f64;
-        let (mean, steps) = &mut self.baseline;
-        let advantage = losses.clone().detach().sub_scalar(*mean);
-        if self.training {
-            *steps += 1;
-            *mean += (loss - *mean) / *steps as f64;
-        }
+        let loss = scalar(losses.clone().mul(w.clone()).sum())? / batch as f64;
+        let advantage = self.baseline.advantage(&losses, n, loss, self.training);
         let log_q = pick(log_softmax(scores, 1), &pairs);
         let terms = advantage.mul(log_q).add(losses).mul(w);
         let entropy = mappings::entropy(probs).mean();

@@ -119,13 +119,13 @@ impl BitConfigs {
 }
 
 /// `s·z` for a packed vector, summed in increasing bit order in `f64`.
-pub fn score_words(words: &[u64], s: &[f32]) -> f64 {
+pub fn score_words<T: Copy + Into<f64>>(words: &[u64], s: &[T]) -> f64 {
     let mut total = 0.0f64;
     for (w, &word) in words.iter().enumerate() {
         let mut rest = word;
         while rest != 0 {
             let i = w * 64 + rest.trailing_zeros() as usize;
-            total += f64::from(s[i]);
+            total += s[i].into();
             rest &= rest - 1;
         }
     }

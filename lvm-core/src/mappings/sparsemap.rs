@@ -31,7 +31,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::kbest::{BitConfigs, validate_bit_scores};
+use super::kbest::{BitConfigs, score_words, validate_bit_scores};
 use crate::error::MappingError;
 
 /// Optimality tolerance on `max_y <η - μ, m(y)> - τ` (reference §5.4).
@@ -253,7 +253,7 @@ impl<'a> ActiveSet<'a> {
         let mut set = Self {
             s,
             configs: BitConfigs::new(bits),
-            rhs: vec![1.0, score_words_f64(first, s)],
+            rhs: vec![1.0, score_words(first, s)],
             weights: vec![1.0],
             scratch: Vec::with_capacity(stride),
             solution: Vec::with_capacity(stride),
@@ -363,7 +363,7 @@ impl<'a> ActiveSet<'a> {
         last[n + 1] = inv;
 
         // [x; 0] ← [x + d γ; -γ] with γ = (dᵀ b - β) / s, β the new score (block inverse).
-        let beta = score_words_f64(y, self.s);
+        let beta = score_words(y, self.s);
         if self.solution_valid {
             let gamma = (dot(d, &self.rhs) - beta) * inv;
             for (x, &da) in self.solution.iter_mut().zip(d.iter()) {
@@ -688,7 +688,7 @@ fn active_set<'a>(
         map_vertex(&e, budget, &mut order, &mut candidate);
 
         // v = <η - μ, m(y*)> = Σ_i -(1 - μ_i) + Σ_{i on} e_i.
-        let value = mu.iter().map(|m| m - 1.0).sum::<f64>() + score_words_f64(&candidate, &e);
+        let value = mu.iter().map(|m| m - 1.0).sum::<f64>() + score_words(&candidate, &e);
         last_gap = value - tau;
         if value <= tau + OPTIMALITY_TOL {
             converged = true;
@@ -730,19 +730,6 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     }
     let tail: f64 = tail_a.iter().zip(tail_b).map(|(x, y)| x * y).sum();
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
-}
-
-/// `Σ_{i on} e_i` for a packed vertex.
-fn score_words_f64(words: &[u64], e: &[f64]) -> f64 {
-    let mut total = 0.0;
-    for (w, &word) in words.iter().enumerate() {
-        let mut rest = word;
-        while rest != 0 {
-            total += e[w * 64 + rest.trailing_zeros() as usize];
-            rest &= rest - 1;
-        }
-    }
-    total
 }
 
 /// Moves the weights towards the equality-constrained optimum `z` (reference §5.4, step 3).
