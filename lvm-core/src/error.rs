@@ -115,4 +115,7 @@ pub enum MappingError {
     /// The tensor's values could not be read back from the device.
     #[error("could not read tensor data: {0}")]
     TensorRead(String),
+    /// NVIL was stepped without the outputs of its baseline network.
+    #[error("NVIL needs the outputs of a learned baseline network; none were given")]
+    MissingBaseline,
 }

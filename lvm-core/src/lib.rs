@@ -1,7 +1,8 @@
 //! lvm-core: the science of lvm-sweep. Exact sparse mappings (sparsemax, top-k sparsemax,
-//! SparseMAP over bit vectors) and the verified datasets; in later modules, the gradient
-//! estimators, tasks and training loop that use them. Its only network use is fetching a
-//! missing dataset file from its public mirror, and it never prints.
+//! SparseMAP over bit vectors), the verified datasets, the gradient estimators, the three
+//! tasks of the paper and the training loop that runs one trial ([`train::run_trial`]). Its
+//! only network use is fetching a missing dataset file from its public mirror, and it never
+//! prints.
 //!
 //! A short tour. Sparsemax projects scores onto the simplex and gives exact zeros:
 //!
@@ -42,12 +43,15 @@
 //! assert_eq!(g, vec![0.5, -0.5, 0.0]);
 //! ```
 
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod estimators;
 pub mod likelihood;
 pub mod mappings;
 pub mod spec;
+pub mod tasks;
+pub mod train;
 
 pub use error::MappingError;
 pub use spec::{Estimator, Hyperparameters, SpecError, Task, Temperature, TrialSpec};

@@ -82,6 +82,7 @@ pub fn marginalize_bits(
         surrogate: expected.sub(entropy.mul_scalar(entropy_coeff)),
         loss,
         decoder_calls: pairs.len(),
+        weights: pairs.iter().map(|&(b, j)| weights[b * width + j]).collect(),
     })
 }
 
@@ -171,6 +172,9 @@ impl BernoulliScoreFunction {
             surrogate,
             loss: loss_mean,
             decoder_calls: draws * batch,
+            weights: (0..draws * batch)
+                .map(|i| f32::from(u8::from(i < batch)))
+                .collect(),
         })
     }
 }
@@ -234,6 +238,7 @@ pub fn bernoulli_gumbel_step(
         surrogate: expected.sub(entropy.mul_scalar(entropy_coeff)),
         loss,
         decoder_calls: batch,
+        weights: vec![1.0; batch],
     })
 }
 

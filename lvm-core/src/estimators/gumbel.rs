@@ -67,6 +67,7 @@ pub fn gumbel_step(
         surrogate,
         loss,
         decoder_calls: batch,
+        weights: vec![1.0; batch],
     })
 }
 

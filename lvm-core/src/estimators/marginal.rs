@@ -65,6 +65,7 @@ pub fn marginalize(
         surrogate,
         loss,
         decoder_calls: pairs.len(),
+        weights: pairs.iter().map(|&(b, c)| weights[b * k + c]).collect(),
     })
 }
 

@@ -10,6 +10,7 @@
 
 pub mod bits;
 pub mod gumbel;
+pub mod latent;
 pub mod marginal;
 pub mod nvil;
 pub mod score_function;
@@ -35,6 +36,10 @@ pub struct Step {
     pub loss: f64,
     /// Decoder calls made: (example, latent) pairs decoded in this batch.
     pub decoder_calls: usize,
+    /// The weight of each decoded pair, in decoding order, in the reported `loss`:
+    /// `loss = Σ_i weights_i ℓ_i / B`. Any per-pair quantity (a game's success) averages the
+    /// same way. Baseline-only pairs weigh 0.
+    pub weights: Vec<f32>,
 }
 
 /// The value of a one-element tensor, read back as `f64`.

@@ -66,6 +66,7 @@ pub(crate) fn learned_baseline_step(
         surrogate,
         loss: loss_mean,
         decoder_calls: batch,
+        weights: vec![1.0; batch],
     })
 }
 

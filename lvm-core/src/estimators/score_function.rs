@@ -131,6 +131,9 @@ impl ScoreFunction {
             surrogate,
             loss: loss_mean,
             decoder_calls: examples.len(),
+            weights: (0..examples.len())
+                .map(|i| f32::from(u8::from(i < batch)))
+                .collect(),
         })
     }
 }

@@ -103,6 +103,7 @@ impl SumAndSample {
             surrogate,
             loss,
             decoder_calls: n,
+            weights,
         })
     }
 }

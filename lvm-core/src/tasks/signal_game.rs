@@ -1,0 +1,420 @@
+//! The signalling game (reference §8): a sender sees the target image and emits one of 256
+//! messages; a receiver sees the message and 16 images and picks one. The message is the
+//! discrete latent, the receiver is the decoder, and `ℓ = -log p_recv(target)`. For SFE and
+//! SFE+ the receiver samples its choice and both agents learn from the 0/1 reward by
+//! REINFORCE (the paper's `loss_type acc`).
+//!
+//! An epoch is 100 batches of 64 freshly sampled games; the test set is 9,984 games drawn
+//! once from a fixed seed, receiver permutations included (the original's test games change
+//! between evaluations, reference §11 O8).
+//!
+//! A decoder call for a one-hot message is a gather: with `R` the receiver's image embeddings
+//! and `E` the message embeddings, the logits of message `c` over a game's images are column
+//! `c` of `R Eᵀ`, computed once per batch. Relaxed (Gumbel) messages go through `E` densely.
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::activation::{log_softmax, sigmoid};
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::layers::{Mlp, linear, normal, uniform};
+use super::ssvae::{load, optimizer, row_index, save};
+use super::{EpochRng, Metrics, ModelState, Stage, StagePlan, StepOutcome, TaskModel, TrainError};
+use crate::data::DataDir;
+use crate::data::signal_game::{Game, GameImages, Split};
+use crate::estimators::gumbel::argmax;
+use crate::estimators::latent::{LatentEstimator, for_spec};
+use crate::estimators::score_function::sample;
+use crate::estimators::{Step, pick};
+use crate::mappings::autodiff::read_f32;
+use crate::spec::{Estimator, TrialSpec};
+
+/// Messages (the vocabulary).
+pub const VOCABULARY: usize = 256;
+/// Images per game.
+pub const GAME_SIZE: usize = 16;
+/// Embedding size.
+const EMBEDDING: usize = 256;
+/// Sender hidden channels.
+const HIDDEN: usize = 512;
+/// The sender's score temperature `τ_s`.
+const SENDER_TAU: f64 = 10.0;
+/// Batches per epoch.
+pub const STEPS_PER_EPOCH: usize = 100;
+/// Games in the test set: 156 batches of 64.
+pub const TEST_GAMES: usize = 9984;
+/// The fixed seed of the test games.
+const TEST_SEED: u64 = 20200725;
+
+/// The sender, the receiver and NVIL's baseline network.
+#[derive(Module, Debug)]
+pub struct GameNet {
+    /// Sender image embedding, `d → 256`, no bias.
+    pub sender_embed: Linear,
+    /// Sender 1×1 convolution weights `w_c`, one per hidden channel.
+    pub sender_gate: Param<Tensor<1>>,
+    /// Sender `H×1` convolution weights `v_c`.
+    pub sender_mix: Param<Tensor<1>>,
+    /// Sender output, `256 → 256`, no bias.
+    pub sender_out: Linear,
+    /// Receiver image embedding, `d → 256`, no bias.
+    pub receiver_embed: Linear,
+    /// Message embeddings `[256, 256]`: a row per message.
+    pub messages: Param<Tensor<2>>,
+    /// NVIL's baseline `b_ψ(x_target)`: `d → 512 → 512 → 512 → 1`.
+    pub baseline: Option<Mlp>,
+}
+
+impl GameNet {
+    /// Fresh networks for `dim`-dimensional image features.
+    pub fn new(dim: usize, estimator: Estimator, rng: &mut ChaCha8Rng, device: &Device) -> Self {
+        let sender_embed = linear(dim, EMBEDDING, false, rng, device);
+        let gate = uniform(1, HIDDEN, 1.0, rng, device).reshape([HIDDEN]);
+        let mix_bound = 1.0 / (HIDDEN as f64).sqrt();
+        let mix = uniform(1, HIDDEN, mix_bound, rng, device).reshape([HIDDEN]);
+        let sender_out = linear(EMBEDDING, VOCABULARY, false, rng, device);
+        let receiver_embed = linear(dim, EMBEDDING, false, rng, device);
+        // An embedding table N(0, 1); Gumbel's linear layer U(±1/√256) (reference §8.2).
+        let messages = if estimator.is_gumbel() {
+            uniform(
+                VOCABULARY,
+                EMBEDDING,
+                1.0 / (VOCABULARY as f64).sqrt(),
+                rng,
+                device,
+            )
+        } else {
+            normal(VOCABULARY, EMBEDDING, rng, device)
+        };
+        let baseline =
+            (estimator == Estimator::Nvil).then(|| Mlp::new(&[dim, 512, 512, 512, 1], rng, device));
+        Self {
+            sender_embed,
+            sender_gate: Param::from_tensor(gate),
+            sender_mix: Param::from_tensor(mix),
+            sender_out,
+            receiver_embed,
+            messages: Param::from_tensor(messages),
+            baseline,
+        }
+    }
+
+    /// The sender's message scores `[B, 256]` for target images `[B, d]`.
+    pub fn sender(&self, target: Tensor<2>) -> Tensor<2> {
+        let batch = target.dims()[0];
+        let e = self
+            .sender_embed
+            .forward(target)
+            .reshape([batch, 1, EMBEDDING]);
+        let gate = self.sender_gate.val().reshape([1, HIDDEN, 1]);
+        let h = sigmoid(e.mul(gate));
+        let mix = self.sender_mix.val().reshape([1, HIDDEN, 1]);
+        let u = sigmoid(h.mul(mix).sum_dim(1)).reshape([batch, EMBEDDING]);
+        self.sender_out.forward(u).div_scalar(SENDER_TAU)
+    }
+}
+
+/// One batch of games as tensors.
+struct Batch {
+    /// Target features `[B, d]`.
+    target: Tensor<2>,
+    /// Receiver image embeddings `[B·16, 256]`.
+    receiver: Tensor<2>,
+    /// The receiver position of the target, per game.
+    answers: Vec<usize>,
+}
+
+/// The signalling-game task.
+pub struct SignalGame {
+    spec: TrialSpec,
+    net: GameNet,
+    optim: ModuleOptimizer,
+    estimator: Box<dyn LatentEstimator>,
+    device: Device,
+    train: GameImages,
+    test: GameImages,
+    test_games: Vec<Game>,
+    /// Whether the receiver samples its choice (SFE and SFE+).
+    sampled_receiver: bool,
+}
+
+impl SignalGame {
+    /// The default game data (MNIST digits and Fashion-MNIST classes) and fresh networks.
+    pub fn new(spec: &TrialSpec, data: &DataDir, device: &Device) -> Result<Self, TrainError> {
+        let train = GameImages::default_split(data, Split::Train, None)?;
+        let test = GameImages::default_split(data, Split::Test, None)?;
+        Self::with_images(spec, train, test, device)
+    }
+
+    /// The game on given train and test images.
+    pub fn with_images(
+        spec: &TrialSpec,
+        train: GameImages,
+        test: GameImages,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+        let net = GameNet::new(train.dim(), spec.estimator, &mut rng, device);
+        let games = spec.hyper.test_limit.unwrap_or(TEST_GAMES).min(TEST_GAMES);
+        let test_games =
+            test.sample(games, GAME_SIZE, &mut ChaCha8Rng::seed_from_u64(TEST_SEED))?;
+        train.sample(1, GAME_SIZE, &mut rng)?;
+        Ok(Self {
+            spec: spec.clone(),
+            net,
+            optim: optimizer(spec),
+            estimator: for_spec(spec),
+            device: device.clone(),
+            train,
+            test,
+            test_games,
+            sampled_receiver: matches!(spec.estimator, Estimator::Sfe | Estimator::SfePlus),
+        })
+    }
+
+    fn batch(net: &GameNet, device: &Device, images: &GameImages, games: &[Game]) -> Batch {
+        let dim = images.dim();
+        let mut target = Vec::with_capacity(games.len() * dim);
+        let mut receiver = Vec::with_capacity(games.len() * GAME_SIZE * dim);
+        for game in games {
+            target.extend_from_slice(images.feature(game.sender[0]));
+            for &i in &game.receiver {
+                receiver.extend_from_slice(images.feature(i));
+            }
+        }
+        let b = games.len();
+        let target = Tensor::from_data(TensorData::new(target, [b, dim]), device);
+        let receiver = Tensor::from_data(TensorData::new(receiver, [b * GAME_SIZE, dim]), device);
+        Batch {
+            target,
+            receiver: net.receiver_embed.forward(receiver),
+            answers: games.iter().map(|g| g.target).collect(),
+        }
+    }
+
+    /// Runs the estimator on a batch; returns the step and the weighted success rate.
+    fn play(&mut self, batch: &Batch, rng: &mut EpochRng) -> Result<(Step, f64), TrainError> {
+        let n = batch.answers.len();
+        let scores = self.net.sender(batch.target.clone());
+        let baseline = self
+            .net
+            .baseline
+            .as_ref()
+            .map(|b| b.forward(batch.target.clone()).reshape([n]));
+        let one_hot = !self.spec.estimator.is_gumbel();
+        // For one-hot messages: the logits of every (game, message) pair, [B·256, 16].
+        let table = one_hot.then(|| {
+            let embeddings = self.net.messages.val();
+            batch
+                .receiver
+                .clone()
+                .matmul(embeddings.transpose())
+                .reshape([n, GAME_SIZE, VOCABULARY])
+                .swap_dims(1, 2)
+                .reshape([n * VOCABULARY, GAME_SIZE])
+        });
+        let receiver = Receiver {
+            net: &self.net,
+            batch,
+            table,
+            device: &self.device,
+            sampled: self.sampled_receiver.then(|| Sampled {
+                baseline: self.estimator.running_baseline(),
+                entropy_coeff: self.spec.hyper.entropy_coeff,
+            }),
+        };
+        let mut success = Vec::new();
+        let noise = &mut rng.noise;
+        let mut decoder = |examples: &[usize], latent: Tensor<2>| {
+            receiver.decode(examples, latent, noise, &mut success)
+        };
+        let step = self
+            .estimator
+            .step(scores, baseline, &mut decoder, &mut rng.latent)?;
+        let rate = step
+            .weights
+            .iter()
+            .zip(&success)
+            .map(|(&w, &s)| f64::from(w) * f64::from(s))
+            .sum::<f64>()
+            / n as f64;
+        Ok((step, rate))
+    }
+}
+
+/// The receiver's REINFORCE settings when it samples its choice.
+struct Sampled {
+    /// The sender's running-average baseline (SFE); `None` pairs each sample with the
+    /// second sample of its game (SFE+).
+    baseline: Option<f64>,
+    entropy_coeff: f64,
+}
+
+/// The receiver as the estimators' decoder.
+struct Receiver<'a> {
+    net: &'a GameNet,
+    batch: &'a Batch,
+    table: Option<Tensor<2>>,
+    device: &'a Device,
+    sampled: Option<Sampled>,
+}
+
+impl Receiver<'_> {
+    /// `ℓ` per (game, message) pair; pushes each pair's success (0/1) onto `success`.
+    fn decode(
+        &self,
+        examples: &[usize],
+        latent: Tensor<2>,
+        rng: &mut ChaCha8Rng,
+        success: &mut Vec<f32>,
+    ) -> Tensor<1> {
+        let n = examples.len();
+        let logits = match &self.table {
+            Some(table) => {
+                let rows = read_f32(&latent).expect("messages are readable");
+                let picked: Vec<usize> = examples
+                    .iter()
+                    .zip(rows.chunks(VOCABULARY))
+                    .map(|(&b, row)| b * VOCABULARY + argmax(row))
+                    .collect();
+                table.clone().select(0, row_index(&picked, self.device))
+            }
+            None => {
+                let m = latent
+                    .matmul(self.net.messages.val())
+                    .reshape([n, EMBEDDING, 1]);
+                let images = self
+                    .batch
+                    .receiver
+                    .clone()
+                    .reshape([self.batch.answers.len(), GAME_SIZE, EMBEDDING])
+                    .select(0, row_index(examples, self.device));
+                images.matmul(m).reshape([n, GAME_SIZE])
+            }
+        };
+        let log_p = log_softmax(logits, 1);
+        let answers: Vec<(usize, usize)> = examples
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (i, self.batch.answers[b]))
+            .collect();
+        let probs = read_f32(&log_p).expect("receiver log-probabilities are readable");
+        let Some(sampled) = &self.sampled else {
+            for (row, &(_, answer)) in probs.chunks(GAME_SIZE).zip(&answers) {
+                success.push(f32::from(u8::from(argmax(row) == answer)));
+            }
+            return pick(log_p, &answers).neg();
+        };
+
+        // The receiver samples a ~ ρ; ℓ = -1[a = target]. Its REINFORCE term rides on ℓ:
+        // value ℓ, gradient (ℓ - b) ∇log ρ(a) - λ ∇H(ρ).
+        let mut choices = Vec::with_capacity(n);
+        let mut reward = Vec::with_capacity(n);
+        for (row, &(i, answer)) in probs.chunks(GAME_SIZE).zip(&answers) {
+            let p: Vec<f32> = row.iter().map(|v| v.exp()).collect();
+            let a = sample(&p, rng);
+            choices.push((i, a));
+            reward.push(f32::from(u8::from(a == answer)));
+        }
+        success.extend_from_slice(&reward);
+        let loss: Vec<f32> = reward.iter().map(|r| -r).collect();
+        let half = n / 2;
+        let advantage: Vec<f32> = (0..n)
+            .map(|i| {
+                let b = match sampled.baseline {
+                    Some(b) => b as f32,
+                    None if n % 2 == 0 => loss[if i < half { i + half } else { i - half }],
+                    None => 0.0,
+                };
+                loss[i] - b
+            })
+            .collect();
+        let tensor = |v: Vec<f32>| Tensor::<1>::from_data(TensorData::new(v, [n]), self.device);
+        let log_choice = pick(log_p.clone(), &choices);
+        let entropy = log_p.clone().exp().mul(log_p).sum_dim(1).neg().reshape([n]);
+        let score = tensor(advantage).mul(log_choice.clone().sub(log_choice.detach()));
+        let bonus = entropy
+            .clone()
+            .sub(entropy.detach())
+            .mul_scalar(sampled.entropy_coeff);
+        tensor(loss).add(score).sub(bonus)
+    }
+}
+
+impl TaskModel for SignalGame {
+    fn plan(&self) -> Vec<StagePlan> {
+        vec![StagePlan {
+            stage: Stage::Main,
+            epochs: self.spec.hyper.epochs,
+            steps_per_epoch: STEPS_PER_EPOCH,
+        }]
+    }
+
+    fn train_step(
+        &mut self,
+        _stage: Stage,
+        _index: usize,
+        rng: &mut EpochRng,
+    ) -> Result<StepOutcome, TrainError> {
+        let b = self.spec.hyper.batch_size;
+        let games = self.train.sample(b, GAME_SIZE, &mut rng.latent)?;
+        let batch = Self::batch(&self.net, &self.device, &self.train, &games);
+        let (step, _) = self.play(&batch, rng)?;
+        let objective = step.loss;
+        let grads = GradientsParams::from_grads(step.surrogate.backward(), &self.net);
+        self.net = self.optim.step(self.spec.hyper.lr, self.net.clone(), grads);
+        Ok(StepOutcome {
+            objective,
+            decoder_calls: step.decoder_calls,
+            examples: b,
+        })
+    }
+
+    fn evaluate(&mut self, rng: &mut EpochRng) -> Result<Metrics, TrainError> {
+        let b = self.spec.hyper.batch_size;
+        self.estimator.set_training(false);
+        let games = std::mem::take(&mut self.test_games);
+        let mut totals = (0.0, 0.0);
+        let mut result = Ok(());
+        for chunk in games.chunks(b) {
+            let batch = Self::batch(&self.net, &self.device, &self.test, chunk);
+            match self.play(&batch, rng) {
+                Ok((step, rate)) => {
+                    totals.0 += step.loss * chunk.len() as f64;
+                    totals.1 += rate * chunk.len() as f64;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.test_games = games;
+        self.estimator.set_training(true);
+        result?;
+        let count = self.test_games.len().max(1) as f64;
+        let mut metrics = Metrics::new();
+        metrics.insert("test_loss".into(), totals.0 / count);
+        metrics.insert("test_success".into(), totals.1 / count);
+        Ok(metrics)
+    }
+
+    fn set_global_step(&mut self, step: u64) {
+        self.estimator.set_global_step(step);
+    }
+
+    fn state(&self) -> Result<ModelState, TrainError> {
+        save(&self.net, &self.optim, self.estimator.as_ref())
+    }
+
+    fn restore(&mut self, state: ModelState) -> Result<(), TrainError> {
+        let (net, optim) = load(self.net.clone(), optimizer(&self.spec), &state)?;
+        self.net = net;
+        self.optim = optim;
+        self.estimator.restore(&state.estimator);
+        Ok(())
+    }
+}
