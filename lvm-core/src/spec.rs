@@ -128,6 +128,48 @@ impl Estimator {
     }
 }
 
+/// A name that is not a task or estimator; the message lists the valid names.
+#[derive(Debug, Clone, PartialEq, Error)]
+#[error("unknown {kind} '{name}' (valid: {valid})")]
+pub struct UnknownName {
+    /// "task" or "estimator".
+    pub kind: &'static str,
+    /// The name given.
+    pub name: String,
+    /// The valid names, comma-separated.
+    pub valid: String,
+}
+
+impl std::str::FromStr for Task {
+    type Err = UnknownName;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| UnknownName {
+                kind: "task",
+                name: name.into(),
+                valid: Task::ALL.map(Task::name).join(", "),
+            })
+    }
+}
+
+impl std::str::FromStr for Estimator {
+    type Err = UnknownName;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Estimator::ALL
+            .into_iter()
+            .find(|e| e.name() == name)
+            .ok_or_else(|| UnknownName {
+                kind: "estimator",
+                name: name.into(),
+                valid: Estimator::ALL.map(Estimator::name).join(", "),
+            })
+    }
+}
+
 impl fmt::Display for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -183,6 +225,9 @@ pub struct Hyperparameters {
     pub importance_samples: Option<usize>,
     /// Evaluate on the first N test examples only (`None`: all).
     pub test_limit: Option<usize>,
+    /// Images per signalling game, target included (signal_game only; the paper uses 16).
+    #[serde(default)]
+    pub game_size: Option<usize>,
 }
 
 /// One trial: what to train, how, and with which seed.
@@ -296,6 +341,7 @@ impl TrialSpec {
             warm_start_epochs: (task == Task::Ssvae).then_some(100),
             importance_samples: (task == Task::Bitvec).then_some(1024),
             test_limit: None,
+            game_size: (task == Task::SignalGame).then_some(16),
         };
         Self {
             task,
@@ -419,6 +465,14 @@ impl TrialSpec {
         }
         if h.test_limit == Some(0) {
             return value("test_limit", "0".into(), "expected at least 1, or no limit");
+        }
+        match (h.game_size, task) {
+            (Some(n), Task::SignalGame) if !(2..=256).contains(&n) => {
+                let expected = "expected 2 to 256 images, at most the number of concepts";
+                return value("game_size", n.to_string(), expected);
+            }
+            (Some(_), Task::SignalGame) | (None, _) => {}
+            (Some(_), _) => return not_applicable("game_size"),
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, CheckpointFile};
 use crate::data::DataDir;
 use crate::spec::TrialSpec;
-use crate::tasks::{self, EpochRng, Metrics, Stage, TrainError};
+use crate::tasks::{self, EpochRng, Metrics, Stage, StepOutcome, TrainError};
 
 /// Where a trial reads data, keeps checkpoints and computes.
 #[derive(Debug, Clone)]
@@ -57,8 +57,8 @@ pub enum Control {
 
 /// Watches a trial's progress.
 pub trait Observer {
-    /// After each optimizer step: steps done and total steps of the stage.
-    fn on_step(&mut self, _stage: Stage, _done: u64, _total: u64) {}
+    /// After each optimizer step: what it produced, steps done and total steps of the stage.
+    fn on_step(&mut self, _stage: Stage, _outcome: &StepOutcome, _done: u64, _total: u64) {}
     /// After each epoch (and after its checkpoint is written).
     fn on_epoch(&mut self, _report: &EpochReport) -> Control {
         Control::Continue
@@ -148,7 +148,7 @@ pub fn run_trial(
                 calls += outcome.decoder_calls;
                 examples += outcome.examples;
                 steps += 1;
-                observer.on_step(stage.stage, step + 1, total);
+                observer.on_step(stage.stage, &outcome, step + 1, total);
             }
             if stage.stage == Stage::Main {
                 model.set_global_step(first_step + steps as u64);

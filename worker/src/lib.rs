@@ -1,3 +1,5 @@
-//! worker: will register with a coordinator, pull trial leases, run them with lvm-core,
-//! stream per-epoch metrics, checkpoint, and report results; `worker run` will run one trial
-//! locally. It has no content yet.
+//! worker: trains trials with lvm-core. `worker run` trains one trial given on the command
+//! line and prints its metrics ([`local`]); pulling trials from a coordinator builds on the
+//! same trial runner.
+
+pub mod local;

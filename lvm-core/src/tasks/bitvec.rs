@@ -371,6 +371,12 @@ impl TaskModel for Bitvec {
         self.estimator.restore(&state.estimator);
         Ok(())
     }
+
+    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
+        self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
+        self.optim = optimizer(&self.spec);
+        Ok(())
+    }
 }
 
 /// The batch-mean entropy of the approximate posterior: of the sparse distribution over the

@@ -179,6 +179,11 @@ pub trait TaskModel: Send {
 
     /// Restores a checkpointed state.
     fn restore(&mut self, state: ModelState) -> Result<(), TrainError>;
+
+    /// Starts from another trial's parameters (`ModelState::parameters`): every parameter
+    /// both models have is copied, the others keep their initialization, and the optimizer
+    /// starts afresh. This is how the paper warm-starts (reference §7.4).
+    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError>;
 }
 
 /// Builds the model `spec` names on `device`, reading its data from `data`.

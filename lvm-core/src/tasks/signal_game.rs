@@ -34,7 +34,7 @@ use crate::spec::{Estimator, TrialSpec};
 
 /// Messages (the vocabulary).
 pub const VOCABULARY: usize = 256;
-/// Images per game.
+/// Images per game in the paper.
 pub const GAME_SIZE: usize = 16;
 /// Embedding size.
 const EMBEDDING: usize = 256;
@@ -72,9 +72,9 @@ impl GameNet {
     /// Fresh networks for `dim`-dimensional image features.
     pub fn new(dim: usize, estimator: Estimator, rng: &mut ChaCha8Rng, device: &Device) -> Self {
         let sender_embed = linear(dim, EMBEDDING, false, rng, device);
+        // Both convolutions have fan-in 1 in the original, so U(-1, 1) (reference §10).
         let gate = uniform(1, HIDDEN, 1.0, rng, device).reshape([HIDDEN]);
-        let mix_bound = 1.0 / (HIDDEN as f64).sqrt();
-        let mix = uniform(1, HIDDEN, mix_bound, rng, device).reshape([HIDDEN]);
+        let mix = uniform(1, HIDDEN, 1.0, rng, device).reshape([HIDDEN]);
         let sender_out = linear(EMBEDDING, VOCABULARY, false, rng, device);
         let receiver_embed = linear(dim, EMBEDDING, false, rng, device);
         // An embedding table N(0, 1); Gumbel's linear layer U(±1/√256) (reference §8.2).
@@ -125,6 +125,8 @@ struct Batch {
     receiver: Tensor<2>,
     /// The receiver position of the target, per game.
     answers: Vec<usize>,
+    /// Images per game.
+    size: usize,
 }
 
 /// The signalling-game task.
@@ -178,7 +180,7 @@ impl SignalGame {
     fn batch(net: &GameNet, device: &Device, images: &GameImages, games: &[Game]) -> Batch {
         let dim = images.dim();
         let mut target = Vec::with_capacity(games.len() * dim);
-        let mut receiver = Vec::with_capacity(games.len() * GAME_SIZE * dim);
+        let mut receiver = Vec::new();
         for game in games {
             target.extend_from_slice(images.feature(game.sender[0]));
             for &i in &game.receiver {
@@ -187,11 +189,13 @@ impl SignalGame {
         }
         let b = games.len();
         let target = Tensor::from_data(TensorData::new(target, [b, dim]), device);
-        let receiver = Tensor::from_data(TensorData::new(receiver, [b * GAME_SIZE, dim]), device);
+        let size = games.first().map_or(1, |g| g.receiver.len());
+        let receiver = Tensor::from_data(TensorData::new(receiver, [b * size, dim]), device);
         Batch {
             target,
             receiver: net.receiver_embed.forward(receiver),
             answers: games.iter().map(|g| g.target).collect(),
+            size,
         }
     }
 
@@ -204,22 +208,10 @@ impl SignalGame {
             .baseline
             .as_ref()
             .map(|b| b.forward(batch.target.clone()).reshape([n]));
-        let one_hot = !self.spec.estimator.is_gumbel();
-        // For one-hot messages: the logits of every (game, message) pair, [B·256, 16].
-        let table = one_hot.then(|| {
-            let embeddings = self.net.messages.val();
-            batch
-                .receiver
-                .clone()
-                .matmul(embeddings.transpose())
-                .reshape([n, GAME_SIZE, VOCABULARY])
-                .swap_dims(1, 2)
-                .reshape([n * VOCABULARY, GAME_SIZE])
-        });
         let receiver = Receiver {
             net: &self.net,
             batch,
-            table,
+            one_hot: !self.spec.estimator.is_gumbel(),
             device: &self.device,
             sampled: self.sampled_receiver.then(|| Sampled {
                 baseline: self.estimator.running_baseline(),
@@ -257,7 +249,8 @@ struct Sampled {
 struct Receiver<'a> {
     net: &'a GameNet,
     batch: &'a Batch,
-    table: Option<Tensor<2>>,
+    /// Whether messages are exactly one-hot (every estimator but the Gumbel ones).
+    one_hot: bool,
     device: &'a Device,
     sampled: Option<Sampled>,
 }
@@ -272,28 +265,35 @@ impl Receiver<'_> {
         success: &mut Vec<f32>,
     ) -> Tensor<1> {
         let n = examples.len();
-        let logits = match &self.table {
-            Some(table) => {
-                let rows = read_f32(&latent).expect("messages are readable");
-                let picked: Vec<usize> = examples
-                    .iter()
-                    .zip(rows.chunks(VOCABULARY))
-                    .map(|(&b, row)| b * VOCABULARY + argmax(row))
-                    .collect();
-                table.clone().select(0, row_index(&picked, self.device))
-            }
-            None => {
-                let m = latent
-                    .matmul(self.net.messages.val())
-                    .reshape([n, EMBEDDING, 1]);
-                let images = self
-                    .batch
-                    .receiver
-                    .clone()
-                    .reshape([self.batch.answers.len(), GAME_SIZE, EMBEDDING])
-                    .select(0, row_index(examples, self.device));
-                images.matmul(m).reshape([n, GAME_SIZE])
-            }
+        let (games, size) = (self.batch.answers.len(), self.batch.size);
+        // Many one-hot pairs (marginalization): gather from the table of every (game,
+        // message) pair's logits, R Eᵀ, built once. Few pairs or relaxed messages: embed each.
+        let logits = if self.one_hot && n > 4 * games {
+            let rows = read_f32(&latent).expect("messages are readable");
+            let picked: Vec<usize> = examples
+                .iter()
+                .zip(rows.chunks(VOCABULARY))
+                .map(|(&b, row)| b * VOCABULARY + argmax(row))
+                .collect();
+            self.batch
+                .receiver
+                .clone()
+                .matmul(self.net.messages.val().transpose())
+                .reshape([games, size, VOCABULARY])
+                .swap_dims(1, 2)
+                .reshape([games * VOCABULARY, size])
+                .select(0, row_index(&picked, self.device))
+        } else {
+            let m = latent
+                .matmul(self.net.messages.val())
+                .reshape([n, EMBEDDING, 1]);
+            let images = self
+                .batch
+                .receiver
+                .clone()
+                .reshape([games, size, EMBEDDING])
+                .select(0, row_index(examples, self.device));
+            images.matmul(m).reshape([n, size])
         };
         let log_p = log_softmax(logits, 1);
         let answers: Vec<(usize, usize)> = examples
@@ -303,7 +303,7 @@ impl Receiver<'_> {
             .collect();
         let probs = read_f32(&log_p).expect("receiver log-probabilities are readable");
         let Some(sampled) = &self.sampled else {
-            for (row, &(_, answer)) in probs.chunks(GAME_SIZE).zip(&answers) {
+            for (row, &(_, answer)) in probs.chunks(size).zip(&answers) {
                 success.push(f32::from(u8::from(argmax(row) == answer)));
             }
             return pick(log_p, &answers).neg();
@@ -313,7 +313,7 @@ impl Receiver<'_> {
         // value ℓ, gradient (ℓ - b) ∇log ρ(a) - λ ∇H(ρ).
         let mut choices = Vec::with_capacity(n);
         let mut reward = Vec::with_capacity(n);
-        for (row, &(i, answer)) in probs.chunks(GAME_SIZE).zip(&answers) {
+        for (row, &(i, answer)) in probs.chunks(size).zip(&answers) {
             let p: Vec<f32> = row.iter().map(|v| v.exp()).collect();
             let a = sample(&p, rng);
             choices.push((i, a));
@@ -360,7 +360,8 @@ impl TaskModel for SignalGame {
         rng: &mut EpochRng,
     ) -> Result<StepOutcome, TrainError> {
         let b = self.spec.hyper.batch_size;
-        let games = self.train.sample(b, GAME_SIZE, &mut rng.latent)?;
+        let size = self.spec.hyper.game_size.unwrap_or(GAME_SIZE);
+        let games = self.train.sample(b, size, &mut rng.latent)?;
         let batch = Self::batch(&self.net, &self.device, &self.train, &games);
         let (step, _) = self.play(&batch, rng)?;
         let objective = step.loss;
@@ -416,5 +417,57 @@ impl TaskModel for SignalGame {
         self.optim = optim;
         self.estimator.restore(&state.estimator);
         Ok(())
+    }
+
+    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
+        self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
+        self.optim = optimizer(&self.spec);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estimators::one_hot;
+
+    #[test]
+    fn the_gathered_table_equals_the_dense_receiver() {
+        // The one-hot shortcut (a gather from R Eᵀ) must give the dense path's losses
+        // (message embedding, then a product with each game's images) for every pair.
+        let device = Device::flex().autodiff();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let net = GameNet::new(12, Estimator::Softmax, &mut rng, &device);
+        let (b, dim) = (3, 12);
+        let images: Vec<f32> = (0..b * GAME_SIZE * dim)
+            .map(|i| ((i * 37) % 11) as f32 / 11.0)
+            .collect();
+        let receiver =
+            Tensor::<2>::from_data(TensorData::new(images, [b * GAME_SIZE, dim]), &device);
+        let batch = Batch {
+            target: Tensor::zeros([b, dim], &device),
+            receiver: net.receiver_embed.forward(receiver),
+            answers: vec![3, 0, 15],
+            size: GAME_SIZE,
+        };
+        // 13 pairs for 3 games: more than 4 per game, so the one-hot receiver gathers.
+        let examples = [0, 2, 1, 2, 0, 1, 1, 0, 2, 2, 1, 0, 0];
+        let messages = [5, 255, 0, 17, 5, 9, 200, 1, 2, 3, 4, 100, 101];
+        let make = |one_hot: bool| Receiver {
+            net: &net,
+            batch: &batch,
+            one_hot,
+            device: &device,
+            sampled: None,
+        };
+        let latent = one_hot(&messages, VOCABULARY, &batch.target);
+        let (mut s1, mut s2) = (Vec::new(), Vec::new());
+        let gathered = make(true).decode(&examples, latent.clone(), &mut rng, &mut s1);
+        let dense = make(false).decode(&examples, latent, &mut rng, &mut s2);
+        let (g, d) = (read_f32(&gathered).unwrap(), read_f32(&dense).unwrap());
+        for (x, y) in g.iter().zip(&d) {
+            assert!((x - y).abs() < 1e-4, "{g:?} vs {d:?}");
+        }
+        assert_eq!(s1, s2);
     }
 }

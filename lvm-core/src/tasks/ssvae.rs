@@ -215,6 +215,17 @@ pub(crate) fn load<M: Module>(
     Ok((net, optim))
 }
 
+/// Copies the parameters `bytes` holds into `net` where the paths match.
+pub(crate) fn load_matching<M: Module>(net: M, bytes: &[u8]) -> Result<M, TrainError> {
+    let fail = |e: burn::store::RecordError| TrainError::Checkpoint {
+        path: "(warm start)".into(),
+        reason: format!("the parameters do not fit this model: {e:?}"),
+    };
+    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(bytes.to_vec())).map_err(fail)?;
+    net.try_load_record(record.allow_partial(true).allow_unused(true))
+        .map_err(fail)
+}
+
 impl TaskModel for Ssvae {
     fn plan(&self) -> Vec<StagePlan> {
         let h = &self.spec.hyper;
@@ -351,6 +362,12 @@ impl TaskModel for Ssvae {
         self.net = net;
         self.optim = optim;
         self.estimator.restore(&state.estimator);
+        Ok(())
+    }
+
+    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
+        self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
+        self.optim = optimizer(&self.spec);
         Ok(())
     }
 }
