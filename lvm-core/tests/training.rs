@@ -149,8 +149,7 @@ fn every_pair_learns_and_counts_its_decoder_calls() {
 fn timeless(epochs: &[EpochReport]) -> Vec<EpochReport> {
     epochs
         .iter()
-        .cloned()
-        .map(|e| EpochReport { seconds: 0.0, ..e })
+        .map(|e| EpochReport { seconds: 0.0, ..*e })
         .collect()
 }
 

@@ -326,7 +326,7 @@ impl Receiver<'_> {
             .map(|i| {
                 let b = match sampled.baseline {
                     Some(b) => b as f32,
-                    None if n % 2 == 0 => loss[if i < half { i + half } else { i - half }],
+                    None if n.is_multiple_of(2) => loss[if i < half { i + half } else { i - half }],
                     None => 0.0,
                 };
                 loss[i] - b
