@@ -44,7 +44,7 @@ fn bench(c: &mut Criterion) {
                 continue;
             }
             let spec = TrialSpec::paper(task, estimator, 42);
-            let mut model = tasks::build(&spec, &data, &device).expect("data and spec");
+            let mut model = tasks::build(&spec, &data, None, &device).expect("data and spec");
             let plan = model.plan();
             if task == Task::Ssvae {
                 let mut rng = EpochRng::new(42, Stage::WarmStart, 0);

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, CheckpointFile};
 use crate::data::DataDir;
 use crate::spec::TrialSpec;
-use crate::tasks::{self, EpochRng, Metrics, Stage, StepOutcome, TrainError};
+use crate::tasks::{self, EpochRng, Metrics, Stage, StepOutcome, TaskModel, TrainError};
 
 /// Where a trial reads data, keeps checkpoints and computes.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct TrialOptions {
     pub data: DataDir,
     /// A directory for the trial's checkpoint (`None`: no checkpoints).
     pub checkpoint_dir: Option<std::path::PathBuf>,
+    /// A directory of signalling-game features to use instead of the default images.
+    pub game_features: Option<std::path::PathBuf>,
     /// The device (with autodiff) to train on.
     pub device: Device,
 }
@@ -96,7 +98,18 @@ pub fn run_trial(
     observer: &mut dyn Observer,
 ) -> Result<TrialOutcome, TrainError> {
     spec.validate()?;
-    let mut model = tasks::build(spec, &options.data, &options.device)?;
+    let features = options.game_features.as_deref();
+    let model = tasks::build(spec, &options.data, features, &options.device)?;
+    run_model(model, spec, options, observer)
+}
+
+/// Trains and evaluates `model`, built for `spec`: the loop of [`run_trial`].
+pub fn run_model(
+    mut model: Box<dyn TaskModel>,
+    spec: &TrialSpec,
+    options: &TrialOptions,
+    observer: &mut dyn Observer,
+) -> Result<TrialOutcome, TrainError> {
     let file = options
         .checkpoint_dir
         .as_ref()
@@ -135,7 +148,14 @@ pub fn run_trial(
                 if stage.stage == Stage::Main {
                     model.set_global_step(step);
                 }
-                let outcome = model.train_step(stage.stage, index, &mut rng)?;
+                let outcome = model
+                    .train_step(stage.stage, index, &mut rng)
+                    .map_err(|e| TrainError::AtStep {
+                        stage: stage.stage.name(),
+                        epoch,
+                        step,
+                        source: Box::new(e),
+                    })?;
                 if !outcome.objective.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
                         stage: stage.stage.name(),
@@ -197,4 +217,108 @@ pub struct Progress {
     pub decoder_calls: u64,
     /// Examples the main stage's estimator has seen so far.
     pub examples: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::MappingError;
+    use crate::spec::{Estimator, Task};
+    use crate::tasks::{ModelState, StagePlan};
+
+    /// A model whose step `fail_at` of every epoch returns a NaN loss or an error.
+    struct Failing {
+        fail_at: usize,
+        nan: bool,
+    }
+
+    impl TaskModel for Failing {
+        fn plan(&self) -> Vec<StagePlan> {
+            let stage = Stage::Main;
+            vec![StagePlan {
+                stage,
+                epochs: 3,
+                steps_per_epoch: 4,
+            }]
+        }
+
+        fn train_step(
+            &mut self,
+            _stage: Stage,
+            index: usize,
+            _rng: &mut EpochRng,
+        ) -> Result<StepOutcome, TrainError> {
+            if index == self.fail_at {
+                if !self.nan {
+                    return Err(MappingError::NonFiniteScore {
+                        row: 0,
+                        col: 1,
+                        value: f32::NAN,
+                    }
+                    .into());
+                }
+                let outcome = StepOutcome {
+                    objective: f64::NAN,
+                    decoder_calls: 1,
+                    examples: 1,
+                };
+                return Ok(outcome);
+            }
+            Ok(StepOutcome {
+                objective: 1.0,
+                decoder_calls: 1,
+                examples: 1,
+            })
+        }
+
+        fn evaluate(&mut self, _rng: &mut EpochRng) -> Result<Metrics, TrainError> {
+            Ok(Metrics::new())
+        }
+
+        fn set_global_step(&mut self, _step: u64) {}
+
+        fn state(&self) -> Result<ModelState, TrainError> {
+            unreachable!("no checkpoint directory")
+        }
+
+        fn restore(&mut self, _state: ModelState) -> Result<(), TrainError> {
+            unreachable!("no checkpoint directory")
+        }
+
+        fn warm_start(&mut self, _parameters: &[u8]) -> Result<(), TrainError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_non_finite_loss_or_a_failed_step_stops_the_trial_naming_the_step() {
+        let spec = TrialSpec::paper(Task::Bitvec, Estimator::Sfe, 1);
+        let options = TrialOptions {
+            data: crate::data::DataDir::new("unused", crate::data::Source::Offline),
+            checkpoint_dir: None,
+            game_features: None,
+            device: burn::tensor::Device::flex().autodiff(),
+        };
+        let nan = Box::new(Failing {
+            fail_at: 2,
+            nan: true,
+        });
+        let err = run_model(nan, &spec, &options, &mut ())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "the main loss is NaN at step 2 (epoch 0): training diverged"
+        );
+
+        let failing = Box::new(Failing {
+            fail_at: 3,
+            nan: false,
+        });
+        let err = run_model(failing, &spec, &options, &mut ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("main step 3 (epoch 0) failed: "), "{err}");
+        assert!(err.contains("row 0"), "{err}");
+    }
 }

@@ -26,6 +26,7 @@ fn options(checkpoint_dir: Option<std::path::PathBuf>) -> TrialOptions {
     TrialOptions {
         data: data_dir(),
         checkpoint_dir,
+        game_features: None,
         device: Device::flex().autodiff(),
     }
 }

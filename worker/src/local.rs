@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// Dataset directory (default: $LVM_DATA_DIR, else ./data).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Signalling game only: a directory with train_features.npy, train_labels.npy,
+    /// test_features.npy and test_labels.npy to use instead of the default images.
+    #[arg(long)]
+    pub game_features: Option<PathBuf>,
     /// Keep a checkpoint here at every epoch and resume from it if present.
     #[arg(long)]
     pub checkpoint_dir: Option<PathBuf>,
@@ -106,6 +110,9 @@ impl RunArgs {
             h.test_limit = self.test_limit;
         }
         spec.validate().context("invalid trial")?;
+        if self.game_features.is_some() && spec.task != Task::SignalGame {
+            anyhow::bail!("--game-features applies to the signal_game task only");
+        }
         Ok(spec)
     }
 }
@@ -162,6 +169,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let options = TrialOptions {
         data: DataDir::resolve(args.data_dir.clone()),
         checkpoint_dir: args.checkpoint_dir.clone(),
+        game_features: args.game_features.clone(),
         device: Device::flex().autodiff(),
     };
     let bar = if std::io::stderr().is_terminal() {

@@ -176,3 +176,61 @@ fn a_killed_trial_resumes_from_its_checkpoint() {
     let resumed = summary(&run(&resumable));
     assert_eq!(resumed["metrics"], whole["metrics"]);
 }
+
+/// A `.npy` v1.0 file: the header dict padded with spaces to a multiple of 64 bytes.
+fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+#[test]
+fn the_game_trains_on_features_given_as_npy() {
+    // 16 concepts × 3 images of 8 features each, train and test alike.
+    let dir = tempfile::tempdir().unwrap();
+    let (n, d) = (48, 8);
+    let features: Vec<u8> = (0..n * d)
+        .flat_map(|i| (1.0f32 + ((i * 7919) % 13) as f32).to_le_bytes())
+        .collect();
+    let labels: Vec<u8> = (0..n as i64).flat_map(|i| (i % 16).to_le_bytes()).collect();
+    for split in ["train", "test"] {
+        let f = npy("<f4", &format!("({n}, {d})"), &features);
+        std::fs::write(dir.path().join(format!("{split}_features.npy")), f).unwrap();
+        let l = npy("<i8", &format!("({n},)"), &labels);
+        std::fs::write(dir.path().join(format!("{split}_labels.npy")), l).unwrap();
+    }
+    let path = dir.path().to_str().unwrap();
+    let args = [
+        "--task",
+        "signal_game",
+        "--estimator",
+        "sparsemax",
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--test-limit",
+        "8",
+        "--game-features",
+        path,
+        "--json",
+    ];
+    let json = summary(&run(&args));
+    assert!(json["metrics"]["test_success"].as_f64().unwrap() <= 1.0);
+
+    // A corrupt file is named in the error.
+    std::fs::write(dir.path().join("test_labels.npy"), b"not numpy").unwrap();
+    let output = run(&args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("test_labels.npy"), "{stderr}");
+}

@@ -79,7 +79,11 @@ impl BitvecNet {
             .expect("the projection has a bias")
             .val();
         if fused {
-            pixel_nll_fused(h, w, c, targets).expect("generator outputs are finite")
+            // Non-finite generator outputs (a diverged model) give a NaN loss, which the
+            // training loop reports with the step.
+            let device = h.device();
+            pixel_nll_fused(h, w, c, targets)
+                .unwrap_or_else(|_| Tensor::full([n], f32::NAN, &device))
         } else {
             pixel_nll_materialized(h, w, c, targets)
         }

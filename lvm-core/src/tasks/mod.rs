@@ -16,6 +16,7 @@ pub mod signal_game;
 pub mod ssvae;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
@@ -50,6 +51,18 @@ pub enum TrainError {
         step: u64,
         /// The loss.
         value: f64,
+    },
+    /// A step failed, for instance on scores that stopped being finite.
+    #[error("{stage} step {step} (epoch {epoch}) failed: {source}")]
+    AtStep {
+        /// Stage name.
+        stage: &'static str,
+        /// Epoch (0-based) within the stage.
+        epoch: usize,
+        /// Optimizer step (0-based) within the stage.
+        step: u64,
+        /// What failed.
+        source: Box<TrainError>,
     },
     /// A checkpoint could not be written, read or applied.
     #[error("checkpoint {path}: {reason}")]
@@ -186,17 +199,23 @@ pub trait TaskModel: Send {
     fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError>;
 }
 
-/// Builds the model `spec` names on `device`, reading its data from `data`.
+/// Builds the model `spec` names on `device`, reading its data from `data`; the signalling
+/// game reads its images from `game_features` when given (see
+/// [`signal_game::SignalGame::from_features`]).
 pub fn build(
     spec: &TrialSpec,
     data: &DataDir,
+    game_features: Option<&Path>,
     device: &Device,
 ) -> Result<Box<dyn TaskModel>, TrainError> {
     spec.validate()?;
-    Ok(match spec.task {
-        Task::Ssvae => Box::new(ssvae::Ssvae::new(spec, data, device)?),
-        Task::SignalGame => Box::new(signal_game::SignalGame::new(spec, data, device)?),
-        Task::Bitvec => Box::new(bitvec::Bitvec::new(spec, data, device)?),
+    Ok(match (spec.task, game_features) {
+        (Task::SignalGame, Some(dir)) => {
+            Box::new(signal_game::SignalGame::from_features(spec, dir, device)?)
+        }
+        (Task::Ssvae, _) => Box::new(ssvae::Ssvae::new(spec, data, device)?),
+        (Task::SignalGame, None) => Box::new(signal_game::SignalGame::new(spec, data, device)?),
+        (Task::Bitvec, _) => Box::new(bitvec::Bitvec::new(spec, data, device)?),
     })
 }
 

@@ -12,6 +12,8 @@
 //! and `E` the message embeddings, the logits of message `c` over a game's images are column
 //! `c` of `R Eᵀ`, computed once per batch. Relaxed (Gumbel) messages go through `E` densely.
 
+use std::path::Path;
+
 use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::optim::{GradientsParams, ModuleOptimizer};
@@ -148,6 +150,34 @@ impl SignalGame {
     pub fn new(spec: &TrialSpec, data: &DataDir, device: &Device) -> Result<Self, TrainError> {
         let train = GameImages::default_split(data, Split::Train, None)?;
         let test = GameImages::default_split(data, Split::Test, None)?;
+        Self::with_images(spec, train, test, device)
+    }
+
+    /// The game on features of the user's own: `dir` holds `train_features.npy` and
+    /// `test_features.npy` (float32 `[N, d]`, one row per image, L2-normalized on load) and
+    /// `train_labels.npy` and `test_labels.npy` (integer concept labels, length `N`).
+    pub fn from_features(
+        spec: &TrialSpec,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let load = |split: &str| {
+            GameImages::from_npy(
+                &dir.join(format!("{split}_features.npy")),
+                &dir.join(format!("{split}_labels.npy")),
+            )
+        };
+        let (train, test) = (load("train")?, load("test")?);
+        if train.dim() != test.dim() {
+            return Err(TrainError::Data(crate::data::DataError::Shape {
+                file: dir.join("test_features.npy"),
+                detail: format!(
+                    "test features have {} columns, train features {}",
+                    test.dim(),
+                    train.dim()
+                ),
+            }));
+        }
         Self::with_images(spec, train, test, device)
     }
 
