@@ -62,6 +62,9 @@ pub struct RunArgs {
     /// Dataset directory (default: $LVM_DATA_DIR, else ./data).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Images per signalling game, target included (the paper uses 16).
+    #[arg(long)]
+    pub game_size: Option<usize>,
     /// Signalling game only: a directory with train_features.npy, train_labels.npy,
     /// test_features.npy and test_labels.npy to use instead of the default images.
     #[arg(long)]
@@ -108,6 +111,9 @@ impl RunArgs {
         }
         if self.test_limit.is_some() {
             h.test_limit = self.test_limit;
+        }
+        if self.game_size.is_some() {
+            h.game_size = self.game_size;
         }
         spec.validate().context("invalid trial")?;
         if self.game_features.is_some() && spec.task != Task::SignalGame {
