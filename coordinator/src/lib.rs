@@ -1,3 +1,4 @@
-//! coordinator: will hold the sweep files and their expansion into trials, the SQLite store,
-//! the pure scheduler state machine, the gRPC service that workers pull from, and the
-//! reports. It has no content yet; the trial description types it needs come from lvm-core.
+//! coordinator: sweep files and their expansion into trials ([`sweep`]). The SQLite store,
+//! the scheduler, the gRPC service that workers pull from and the reports build on these.
+
+pub mod sweep;
