@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{Mlp, linear};
-use super::ssvae::{load, optimizer, save};
+use super::ssvae::optimizer;
 use super::{EpochRng, Metrics, ModelState, Stage, StagePlan, StepOutcome, TaskModel, TrainError};
 use crate::data::{DataDir, IMAGE_PIXELS, ImageSet, known};
 use crate::estimators::latent::{LatentEstimator, for_spec};
@@ -360,27 +360,7 @@ impl TaskModel for Bitvec {
         Ok(metrics)
     }
 
-    fn set_global_step(&mut self, step: u64) {
-        self.estimator.set_global_step(step);
-    }
-
-    fn state(&self) -> Result<ModelState, TrainError> {
-        save(&self.net, &self.optim, self.estimator.as_ref())
-    }
-
-    fn restore(&mut self, state: ModelState) -> Result<(), TrainError> {
-        let (net, optim) = load(self.net.clone(), optimizer(&self.spec), &state)?;
-        self.net = net;
-        self.optim = optim;
-        self.estimator.restore(&state.estimator);
-        Ok(())
-    }
-
-    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
-        self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
-        self.optim = optimizer(&self.spec);
-        Ok(())
-    }
+    super::checkpointed_methods!();
 }
 
 /// The batch-mean entropy of the approximate posterior: of the sparse distribution over the

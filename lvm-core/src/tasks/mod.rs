@@ -10,6 +10,36 @@
 //! shuffles, samples and noise as the first time. Parameters are initialized from the seed
 //! too, never from a global generator.
 
+/// The [`TaskModel`] methods that only involve a task's `net`, `optim`, `estimator` and
+/// `spec` fields, which every task names the same way.
+macro_rules! checkpointed_methods {
+    () => {
+        fn set_global_step(&mut self, step: u64) {
+            self.estimator.set_global_step(step);
+        }
+
+        fn state(&self) -> Result<ModelState, TrainError> {
+            super::ssvae::save(&self.net, &self.optim, self.estimator.as_ref())
+        }
+
+        fn restore(&mut self, state: ModelState) -> Result<(), TrainError> {
+            let fresh = super::ssvae::optimizer(&self.spec);
+            let (net, optim) = super::ssvae::load(self.net.clone(), fresh, &state)?;
+            self.net = net;
+            self.optim = optim;
+            self.estimator.restore(&state.estimator);
+            Ok(())
+        }
+
+        fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
+            self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
+            self.optim = super::ssvae::optimizer(&self.spec);
+            Ok(())
+        }
+    };
+}
+pub(crate) use checkpointed_methods;
+
 pub mod bitvec;
 pub mod layers;
 pub mod signal_game;

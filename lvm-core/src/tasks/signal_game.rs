@@ -23,7 +23,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{Mlp, linear, normal, uniform};
-use super::ssvae::{load, optimizer, row_index, save};
+use super::ssvae::{optimizer, row_index};
 use super::{EpochRng, Metrics, ModelState, Stage, StagePlan, StepOutcome, TaskModel, TrainError};
 use crate::data::DataDir;
 use crate::data::signal_game::{Game, GameImages, Split};
@@ -433,27 +433,7 @@ impl TaskModel for SignalGame {
         Ok(metrics)
     }
 
-    fn set_global_step(&mut self, step: u64) {
-        self.estimator.set_global_step(step);
-    }
-
-    fn state(&self) -> Result<ModelState, TrainError> {
-        save(&self.net, &self.optim, self.estimator.as_ref())
-    }
-
-    fn restore(&mut self, state: ModelState) -> Result<(), TrainError> {
-        let (net, optim) = load(self.net.clone(), optimizer(&self.spec), &state)?;
-        self.net = net;
-        self.optim = optim;
-        self.estimator.restore(&state.estimator);
-        Ok(())
-    }
-
-    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
-        self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
-        self.optim = optimizer(&self.spec);
-        Ok(())
-    }
+    super::checkpointed_methods!();
 }
 
 #[cfg(test)]

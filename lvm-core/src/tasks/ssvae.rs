@@ -349,25 +349,5 @@ impl TaskModel for Ssvae {
         Ok(metrics)
     }
 
-    fn set_global_step(&mut self, step: u64) {
-        self.estimator.set_global_step(step);
-    }
-
-    fn state(&self) -> Result<ModelState, TrainError> {
-        save(&self.net, &self.optim, self.estimator.as_ref())
-    }
-
-    fn restore(&mut self, state: ModelState) -> Result<(), TrainError> {
-        let (net, optim) = load(self.net.clone(), optimizer(&self.spec), &state)?;
-        self.net = net;
-        self.optim = optim;
-        self.estimator.restore(&state.estimator);
-        Ok(())
-    }
-
-    fn warm_start(&mut self, parameters: &[u8]) -> Result<(), TrainError> {
-        self.net = super::ssvae::load_matching(self.net.clone(), parameters)?;
-        self.optim = optimizer(&self.spec);
-        Ok(())
-    }
+    super::checkpointed_methods!();
 }
