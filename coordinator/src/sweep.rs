@@ -421,4 +421,13 @@ experiments:
             assert!(err.contains(expected), "{expected}: {err}");
         }
     }
+
+    #[test]
+    fn an_unknown_key_is_shown_at_its_line_with_the_valid_keys() {
+        let text = "name: x\nexperiments:\n  - task: ssvae\n    seeds: [1]\n    \
+                    estimators: {sfe: {lr: 0.1, momentum: 3}}\n";
+        let err = Sweep::parse(text, "b.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("b.yaml: error: line 5 column 33: unknown field `momentum`"));
+        assert!(err.contains("expected one of lr, batch_size"), "{err}");
+    }
 }
