@@ -142,7 +142,10 @@ impl Bitvec {
     fn run(&mut self, test: bool, rows: &[usize], rng: &mut EpochRng) -> Result<Run, TrainError> {
         let set = if test { &self.test } else { &self.train };
         let x = super::float_rows(&set.pixels, IMAGE_PIXELS, rows, &self.device);
-        let pixels: Vec<u8> = rows.iter().flat_map(|&i| set.image(i).to_vec()).collect();
+        let mut pixels = Vec::with_capacity(rows.len() * IMAGE_PIXELS);
+        for &i in rows {
+            pixels.extend_from_slice(set.image(i));
+        }
         let n = rows.len();
         let scores = self.net.encoder.forward(x.clone());
         let baseline = self
@@ -153,13 +156,14 @@ impl Bitvec {
         let (net, fused, bits) = (&self.net, self.fused, self.bits);
         let mut seen = Vec::new();
         let mut decoder = |examples: &[usize], z: Tensor<2>| {
-            let targets: Vec<u8> = examples
-                .iter()
-                .flat_map(|&b| pixels[b * IMAGE_PIXELS..(b + 1) * IMAGE_PIXELS].to_vec())
-                .collect();
-            let z_values = read_f32(&z).expect("latents are readable");
+            let mut targets = Vec::with_capacity(examples.len() * IMAGE_PIXELS);
+            for &b in examples {
+                targets.extend_from_slice(&pixels[b * IMAGE_PIXELS..(b + 1) * IMAGE_PIXELS]);
+            }
+            // Evaluation keeps each pair's loss and bit vector for the likelihood estimate.
+            let z_values = test.then(|| read_f32(&z).expect("latents are readable"));
             let loss = net.nll(z, &targets, fused);
-            if test {
+            if let Some(z_values) = z_values {
                 let values = read_f32(&loss).expect("losses are readable");
                 for ((&b, v), row) in examples.iter().zip(values).zip(z_values.chunks(bits)) {
                     let key: Vec<u8> = row.iter().map(|&v| u8::from(v > 0.5)).collect();
@@ -203,6 +207,8 @@ impl Bitvec {
             }
         }
         let mut terms: Vec<Vec<f64>> = vec![Vec::new(); n];
+        // The batch's pixels once per sample of a chunk, built once.
+        let targets = run.pixels.repeat(SAMPLE_CHUNK.min(samples));
         let mut done = 0;
         while done < samples {
             let chunk = SAMPLE_CHUNK.min(samples - done);
@@ -225,14 +231,10 @@ impl Bitvec {
                     log_r.push(lr);
                 }
             }
-            let pixels: Vec<u8> = (0..chunk)
-                .flat_map(|_| run.pixels.iter().copied())
-                .collect();
-            let z =
+            let latent =
                 Tensor::<2>::from_data(TensorData::new(z.clone(), [chunk * n, d]), &self.device);
-            let losses =
-                read_f32(&self.net.nll(z.clone(), &pixels, self.fused)).unwrap_or_default();
-            let z = read_f32(&z).unwrap_or_default();
+            let pixels = &targets[..chunk * run.pixels.len()];
+            let losses = read_f32(&self.net.nll(latent, pixels, self.fused)).unwrap_or_default();
             for (i, loss) in losses.iter().enumerate() {
                 let b = i % n;
                 if sparse {

@@ -23,7 +23,7 @@ use super::layers::{Mlp, normal};
 use super::{EpochRng, Metrics, ModelState, Stage, StagePlan, StepOutcome, TaskModel, TrainError};
 use crate::data::{DataDir, IMAGE_PIXELS, ImageSet, known, load_indices};
 use crate::estimators::latent::{LatentEstimator, for_spec};
-use crate::estimators::{one_hot, pick};
+use crate::estimators::{Step, one_hot, pick};
 use crate::mappings::{self, autodiff::read_f32};
 use crate::spec::{Estimator, TrialSpec};
 
@@ -141,6 +141,29 @@ impl Ssvae {
             pick(log_softmax(scores, 1), &pairs).neg()
         };
         Ok(self.net.neg_elbo(x, y, rng).add(classification).mean())
+    }
+
+    /// The estimator's step on unlabelled images `x` with classifier scores `scores`: the
+    /// decoder call is the VAE's `-ELBO(x, y)` for each (example, label) pair it asks for.
+    fn unsupervised(
+        &mut self,
+        x: Tensor<2>,
+        scores: Tensor<2>,
+        rng: &mut EpochRng,
+    ) -> Result<Step, TrainError> {
+        let n = x.dims()[0];
+        let baseline = self
+            .net
+            .baseline
+            .as_ref()
+            .map(|b| b.forward(x.clone()).reshape([n]));
+        let (net, device, noise) = (&self.net, &self.device, &mut rng.noise);
+        let mut decoder = |examples: &[usize], y: Tensor<2>| {
+            net.neg_elbo(x.clone().select(0, row_index(examples, device)), y, noise)
+        };
+        Ok(self
+            .estimator
+            .step(scores, baseline, &mut decoder, &mut rng.latent)?)
     }
 
     fn apply(&mut self, objective: Tensor<1>) {
@@ -283,18 +306,7 @@ impl TaskModel for Ssvae {
         let x = binarize(&self.train, &unlabeled, &mut rng.noise, &self.device);
         let n = unlabeled.len();
         let scores = self.net.classifier.forward(x.clone());
-        let baseline = self
-            .net
-            .baseline
-            .as_ref()
-            .map(|b| b.forward(x.clone()).reshape([n]));
-        let (net, device, noise) = (&self.net, &self.device, &mut rng.noise);
-        let mut decoder = |examples: &[usize], y: Tensor<2>| {
-            net.neg_elbo(x.clone().select(0, row_index(examples, device)), y, noise)
-        };
-        let step = self
-            .estimator
-            .step(scores, baseline, &mut decoder, &mut rng.latent)?;
+        let step = self.unsupervised(x, scores, rng)?;
         let value = super::read_scalar(supervised.clone())? + UNSUPERVISED_WEIGHT * step.loss;
         self.apply(supervised.add(step.surrogate.mul_scalar(UNSUPERVISED_WEIGHT)));
         Ok(StepOutcome {
@@ -325,18 +337,7 @@ impl TaskModel for Ssvae {
                     let best = crate::estimators::gumbel::argmax(row);
                     correct += usize::from(best == usize::from(self.test.labels[i]));
                 }
-                let baseline = self
-                    .net
-                    .baseline
-                    .as_ref()
-                    .map(|b| b.forward(x.clone()).reshape([n]));
-                let (net, device, noise) = (&self.net, &self.device, &mut rng.noise);
-                let mut decoder = |examples: &[usize], y: Tensor<2>| {
-                    net.neg_elbo(x.clone().select(0, row_index(examples, device)), y, noise)
-                };
-                let step = self
-                    .estimator
-                    .step(scores, baseline, &mut decoder, &mut rng.latent)?;
+                let step = self.unsupervised(x, scores, rng)?;
                 elbo_sum += step.loss * n as f64;
             }
             Ok::<(), TrainError>(())
