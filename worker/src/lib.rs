@@ -1,5 +1,6 @@
-//! worker: trains trials with lvm-core. `worker run` trains one trial given on the command
-//! line and prints its metrics ([`local`]); pulling trials from a coordinator builds on the
-//! same trial runner.
+//! worker: trains trials with lvm-core. `worker --coordinator URL` pulls trials from a
+//! coordinator and reports their epochs and outcomes ([`remote`]); `worker run` trains one
+//! trial given on the command line and prints its metrics ([`local`]).
 
 pub mod local;
+pub mod remote;

@@ -1,15 +1,24 @@
-//! The `worker` command line: `worker run` trains one trial locally.
+//! The `worker` command line: `worker --coordinator URL` pulls trials from a coordinator
+//! until the sweep is done; `worker run` trains one trial locally.
 
 use clap::{Parser, Subcommand};
 
 use worker::local::RunArgs;
+use worker::remote::RemoteArgs;
 
 /// Train discrete latent-variable models with lvm-sweep.
 #[derive(Debug, Parser)]
-#[command(name = "worker", version, about)]
+#[command(
+    name = "worker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    remote: Option<RemoteArgs>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -27,8 +36,15 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => worker::local::run(&args),
+    let result = match (cli.command, cli.remote) {
+        (Some(Command::Run(args)), _) => worker::local::run(&args),
+        (None, Some(args)) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(worker::remote::run(args))),
+        (None, None) => Err(anyhow::anyhow!(
+            "nothing to do: pass --coordinator URL to pull trials, or `run` to train one \
+             (see --help)"
+        )),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
