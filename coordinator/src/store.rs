@@ -296,7 +296,8 @@ impl Store {
             let mut added = 0;
             for (i, trial) in sweep.trials.iter().enumerate() {
                 added += tx.execute(
-                    "INSERT OR IGNORE INTO trials (id, spec_json, state) VALUES (?1, ?2, 'pending')",
+                    "INSERT OR IGNORE INTO trials (id, spec_json, state)
+                     VALUES (?1, ?2, 'pending')",
                     params![trial.id, trial.spec.canonical_json()],
                 )?;
                 tx.execute(

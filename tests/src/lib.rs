@@ -1,7 +1,9 @@
-//! End-to-end tests that start the real `coordinator` and `worker` binaries on 127.0.0.1 will
-//! live here once those binaries exist. For now the crate holds the workspace-wide source
-//! checks that `cargo fmt` does not make: no line of a Rust file over 100 characters
-//! (comments included), generated code aside.
+//! End-to-end tests that start the real `coordinator` and `worker` binaries on 127.0.0.1
+//! (`tests/`, with what they share in [`harness`]), and the workspace-wide source checks
+//! that `cargo fmt` does not make: no line of a Rust file over 100 characters (comments
+//! included), generated code aside.
+
+pub mod harness;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,206 @@
+//! What the end-to-end tests share: the real `coordinator` and `worker` binaries (built on
+//! first use, so they are never stale), the dataset directory, free loopback ports, and
+//! child processes that are killed when a test ends, however it ends.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_owned()
+}
+
+/// The binaries under test.
+#[derive(Debug)]
+pub struct Binaries {
+    /// `coordinator`.
+    pub coordinator: PathBuf,
+    /// `worker`.
+    pub worker: PathBuf,
+}
+
+/// Builds the two binaries in this test's profile (a no-op when they are fresh) and returns
+/// their paths.
+pub fn binaries() -> &'static Binaries {
+    static BINARIES: OnceLock<Binaries> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary sits in target/<profile>/deps");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.current_dir(workspace()).args([
+            "build",
+            "--bins",
+            "-p",
+            "coordinator",
+            "-p",
+            "worker",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            build.env("CARGO_TARGET_DIR", target);
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "building the binaries failed: {status}");
+        let bin = |name: &str| {
+            let path = profile_dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+            assert!(path.exists(), "{} was not built", path.display());
+            path
+        };
+        Binaries {
+            coordinator: bin("coordinator"),
+            worker: bin("worker"),
+        }
+    })
+}
+
+/// The dataset directory: `$LVM_DATA_DIR` (relative to the workspace root), else `data`.
+pub fn data_dir() -> PathBuf {
+    let given = std::env::var_os("LVM_DATA_DIR").map_or_else(|| "data".into(), PathBuf::from);
+    if given.is_absolute() {
+        given
+    } else {
+        workspace().join(given)
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("an ephemeral port")
+        .port()
+}
+
+/// A child process killed on drop, with its stderr collected line by line.
+#[derive(Debug)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    /// Every stderr line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Starts `command` with stdout captured to a pipe and stderr read by a thread.
+    pub fn spawn(mut command: Command) -> Self {
+        command
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = command.spawn().expect("starting a binary under test");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits up to `timeout` for a stderr line containing `needle`, and returns it.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} within {timeout:?}; stderr so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling a child") {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "still running after {timeout:?}; stderr:\n{}",
+                    self.seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Everything the process wrote to stdout (after it exited).
+    pub fn stdout(&mut self) -> String {
+        use std::io::Read;
+        let mut out = String::new();
+        if let Some(mut pipe) = self.child.stdout.take() {
+            let _ = pipe.read_to_string(&mut out);
+        }
+        out
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `coordinator` with `args`.
+pub fn coordinator(args: &[&str]) -> Command {
+    let mut c = Command::new(&binaries().coordinator);
+    c.args(args).env("RUST_LOG", "warn");
+    c
+}
+
+/// `worker --coordinator http://127.0.0.1:PORT --data-dir DATA` plus `args`.
+pub fn worker(port: u16, args: &[&str]) -> Command {
+    let mut c = Command::new(&binaries().worker);
+    c.arg("--coordinator")
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data_dir())
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "warn");
+    c
+}
