@@ -55,14 +55,23 @@ fn short(task: Task, estimator: Estimator, steps: u64, batch: usize) -> TrialSpe
 }
 
 /// In the signalling game the sender's scores hardly depend on the image at the start, so a
-/// message carries no signal until they do; when the loss starts to fall is then a matter of
-/// chance. Measured here: with sampled messages (SFE, SFE+, NVIL, Sum&Sample) no decrease
-/// within 1,500 steps at batch 16 or 32; with Gumbel, a fall from step 40 in one run and none
-/// within 300 steps in two others. Exact marginalization fell within 300 steps in every run,
-/// so only it must show the decrease here; the others are checked for running, finite
-/// metrics and exact decoder calls, over fewer steps.
+/// sampled message carries little signal until they do. Measured at the paper's step size,
+/// batch 32, seed 7: exact marginalization falls within 300 steps; Gumbel and
+/// straight-through Gumbel within 500 (2.77 -> 1.83 and 2.77 -> 2.40 nats by steps 400-500);
+/// with sampled messages and REINFORCE (SFE, SFE+, NVIL, Sum&Sample) no decrease within
+/// 1,500 steps, and SFE learns by about 1,000-2,500 steps. Those four are checked here for
+/// running, finite metrics and exact decoder calls, over fewer steps.
 fn slow_starter(task: Task, estimator: Estimator) -> bool {
-    task == Task::SignalGame && !matches!(estimator, Estimator::Softmax | Estimator::Sparsemax)
+    task == Task::SignalGame
+        && matches!(
+            estimator,
+            Estimator::Sfe | Estimator::SfePlus | Estimator::Nvil | Estimator::SumAndSample
+        )
+}
+
+/// Main steps at which a game estimator is checked for a falling loss.
+fn game_steps(estimator: Estimator) -> u64 {
+    if estimator.is_gumbel() { 500 } else { 300 }
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -77,7 +86,7 @@ fn every_pair_learns_and_counts_its_decoder_calls() {
             let (steps, batch) = match task {
                 Task::Ssvae => (30, 32),
                 Task::SignalGame if slow_starter(task, estimator) => (40, 32),
-                Task::SignalGame => (300, 32),
+                Task::SignalGame => (game_steps(estimator), 32),
                 Task::Bitvec => (30, 16),
             };
             let mut spec = short(task, estimator, steps, batch);

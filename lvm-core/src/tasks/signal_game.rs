@@ -74,9 +74,11 @@ impl GameNet {
     /// Fresh networks for `dim`-dimensional image features.
     pub fn new(dim: usize, estimator: Estimator, rng: &mut ChaCha8Rng, device: &Device) -> Self {
         let sender_embed = linear(dim, EMBEDDING, false, rng, device);
-        // Both convolutions have fan-in 1 in the original, so U(-1, 1) (reference §10).
+        // The 1×1 convolution has fan-in 1, so U(-1, 1). The H×1 convolution has fan-in H,
+        // so U(±1/√H); reference §10's U(-1, 1) for it saturates the output sigmoid
+        // (docs/deviations.md).
         let gate = uniform(1, HIDDEN, 1.0, rng, device).reshape([HIDDEN]);
-        let mix = uniform(1, HIDDEN, 1.0, rng, device).reshape([HIDDEN]);
+        let mix = uniform(1, HIDDEN, 1.0 / (HIDDEN as f64).sqrt(), rng, device).reshape([HIDDEN]);
         let sender_out = linear(EMBEDDING, VOCABULARY, false, rng, device);
         let receiver_embed = linear(dim, EMBEDDING, false, rng, device);
         // An embedding table N(0, 1); Gumbel's linear layer U(±1/√256) (reference §8.2).
