@@ -224,19 +224,24 @@ async fn run_until_done(options: &ServeOptions, scheduler: Scheduler, store: Sto
 
     let started = Instant::now();
     let bar = progress_bar(total);
-    let mut last_line = String::new();
-    let mut last_print = Instant::now() - Duration::from_secs(60);
+    let mut last_counts = Counts {
+        pending: usize::MAX,
+        ..Counts::default()
+    };
+    let mut last_print = Instant::now();
     let mut interrupted = false;
     loop {
         let counts = *counts_rx.borrow_and_update();
         let line = describe(&counts, started, done_at_start);
         bar.set_position((counts.succeeded + counts.failed) as u64);
         bar.set_message(line.clone());
-        if bar.is_hidden() && (line != last_line && last_print.elapsed() >= Duration::from_secs(2))
+        // Without a terminal: a line when the counts change, and every 30 s regardless.
+        if bar.is_hidden()
+            && (counts != last_counts || last_print.elapsed() >= Duration::from_secs(30))
         {
             eprintln!("sweep: {line}");
             last_print = Instant::now();
-            last_line = line;
+            last_counts = counts;
         }
         if counts.pending + counts.running == 0 {
             break;

@@ -375,6 +375,15 @@ experiments:
         assert_eq!(paper.trials.len(), 80 + 80 + 16);
         let ci = Sweep::load(&dir.join("ci.yaml")).unwrap();
         assert_eq!(ci.trials.len(), 3 * 8 * 2);
+        // quick: the same shape as ci, every (task, estimator) pair with two seeds.
+        let quick = Sweep::load(&dir.join("quick.yaml")).unwrap();
+        assert_eq!(quick.trials.len(), 3 * 8 * 2);
+        let pairs: std::collections::BTreeSet<_> = quick
+            .trials
+            .iter()
+            .map(|t| (t.spec.task.name(), t.spec.estimator.name()))
+            .collect();
+        assert_eq!(pairs.len(), 24);
         let ss = paper
             .trials
             .iter()

@@ -204,3 +204,19 @@ pub fn worker(port: u16, args: &[&str]) -> Command {
         .env("RUST_LOG", "warn");
     c
 }
+
+/// Starts `coordinator --sweep SWEEP --db DB --listen 127.0.0.1:0` plus `extra`, waits until
+/// it listens, and returns it with its port.
+pub fn serve(sweep: &Path, db: &Path, extra: &[&str]) -> (Proc, u16) {
+    let (sweep, db) = (sweep.display().to_string(), db.display().to_string());
+    let mut args = vec!["--sweep", &sweep, "--db", &db, "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let mut proc = Proc::spawn(coordinator(&args));
+    let line = proc.wait_for_line("listening on", Duration::from_secs(60));
+    let port = line
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    (proc, port)
+}

@@ -7,17 +7,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use coordinator::store::Store;
-use lvm_sweep_tests::harness::{Proc, coordinator, free_port, worker, workspace};
+use lvm_sweep_tests::harness::{Proc, coordinator, free_port, serve, worker, workspace};
 
 const LONG: Duration = Duration::from_secs(900);
 
 fn ci_sweep() -> String {
     workspace().join("sweeps/ci.yaml").display().to_string()
-}
-
-/// The port from the coordinator's "listening on 127.0.0.1:PORT" line.
-fn port_of(line: &str) -> u16 {
-    line.rsplit(':').next().unwrap().trim().parse().unwrap()
 }
 
 /// Every trial succeeded, and exactly one attempt of each was accepted as succeeded.
@@ -57,15 +52,7 @@ fn the_ci_sweep_runs_on_two_workers_and_reports_in_every_format() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("sweep.db");
     let db_arg = db.display().to_string();
-    let mut coord = Proc::spawn(coordinator(&[
-        "--sweep",
-        &ci_sweep(),
-        "--db",
-        &db_arg,
-        "--listen",
-        "127.0.0.1:0",
-    ]));
-    let port = port_of(&coord.wait_for_line("listening on", Duration::from_secs(60)));
+    let (mut coord, port) = serve(&workspace().join("sweeps/ci.yaml"), &db, &[]);
     let mut w1 = Proc::spawn(worker(port, &["--name", "one"]));
     let mut w2 = Proc::spawn(worker(port, &["--name", "two"]));
     let status = coord.wait(LONG);
@@ -82,6 +69,16 @@ fn the_ci_sweep_runs_on_two_workers_and_reports_in_every_format() {
     let workers = assert_each_succeeded_once(&db, "ci", 48);
     assert!(workers.iter().any(|w| w.starts_with("one-")));
     assert!(workers.iter().any(|w| w.starts_with("two-")));
+
+    let status = std::process::Command::new(&lvm_sweep_tests::harness::binaries().coordinator)
+        .args(["status", "--db", &db_arg])
+        .output()
+        .unwrap();
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        status.contains("sweep ci: 48 trials: 48 succeeded, 0 running, 0 failed, 0 pending"),
+        "{status}"
+    );
 
     // The same numbers in every format.
     let report = |format: &str| {
@@ -185,21 +182,8 @@ fn a_worker_killed_mid_trial_loses_its_lease_and_another_finishes_the_trial() {
     )
     .unwrap();
     let db = dir.path().join("sweep.db");
-    let db_arg = db.display().to_string();
-    let sweep_arg = sweep.display().to_string();
-    let mut coord = Proc::spawn(coordinator(&[
-        "--sweep",
-        &sweep_arg,
-        "--db",
-        &db_arg,
-        "--listen",
-        "127.0.0.1:0",
-        "--lease-seconds",
-        "2",
-        "--grace-seconds",
-        "1",
-    ]));
-    let port = port_of(&coord.wait_for_line("listening on", Duration::from_secs(60)));
+    let extra = ["--lease-seconds", "2", "--grace-seconds", "1"];
+    let (mut coord, port) = serve(&sweep, &db, &extra);
     let mut doomed = Proc::spawn(worker(port, &["--name", "doomed"]));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -138,7 +138,7 @@ where
                 if first.elapsed() >= give_up {
                     return Err(status);
                 }
-                tracing::warn!(what, error = %status.message(), "coordinator unreachable; retrying");
+                tracing::warn!(what, error = %status.message(), "coordinator unreachable");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -160,6 +160,7 @@ enum Event {
 struct Streamer {
     tx: mpsc::UnboundedSender<Event>,
     stop: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
     checkpoint: PathBuf,
     warm_start_epochs: u32,
 }
@@ -186,7 +187,7 @@ impl Observer for Streamer {
             metrics,
             checkpoint,
         });
-        if self.stop.load(Ordering::SeqCst) {
+        if self.stop.load(Ordering::SeqCst) || self.draining.load(Ordering::SeqCst) {
             Control::Stop
         } else {
             Control::Continue
@@ -311,6 +312,7 @@ impl Worker {
         let mut streamer = Streamer {
             tx,
             stop: stop.clone(),
+            draining: self.draining.clone(),
             checkpoint: file.path().to_owned(),
             warm_start_epochs: spec.hyper.warm_start_epochs.unwrap_or(0) as u32,
         };
