@@ -439,4 +439,80 @@ experiments:
         assert!(err.starts_with("b.yaml: error: line 5 column 33: unknown field `momentum`"));
         assert!(err.contains("expected one of lr, batch_size"), "{err}");
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::super::Sweep;
+        use super::SMALL;
+
+        const TOKENS: &[&str] = &[
+            "name: ",
+            "experiments:",
+            "defaults: ",
+            "- ",
+            "task: ",
+            "ssvae",
+            "bitvec",
+            "seeds: ",
+            "[",
+            "]",
+            "{",
+            "}",
+            ", ",
+            "1",
+            "-1",
+            "1e400",
+            "18446744073709551616",
+            "estimators: ",
+            "sfe: ",
+            "sparsemap: ",
+            "grid: ",
+            "lr: ",
+            "bits: ",
+            "k: ",
+            "\n",
+            "  ",
+            "null",
+            "~",
+            "&a ",
+            "*a",
+            "!!str ",
+            "0x10",
+            ".nan",
+            "\"",
+            "'",
+            "#",
+            ": ",
+            "? ",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn never_panics_on_arbitrary_text(text in "\\PC{0,200}") {
+                let _ = Sweep::parse(&text, "fuzz.yaml");
+            }
+
+            #[test]
+            fn never_panics_on_mutated_sweeps(
+                at in 0usize..400, ch in any::<char>(), cut in 0usize..400
+            ) {
+                let mut chars: Vec<char> = SMALL.chars().collect();
+                let i = at % chars.len();
+                chars[i] = ch;
+                chars.truncate(chars.len() - cut % chars.len());
+                let _ = Sweep::parse(&chars.into_iter().collect::<String>(), "fuzz.yaml");
+            }
+
+            #[test]
+            fn never_panics_on_yaml_token_soup(
+                picks in prop::collection::vec(0usize..TOKENS.len(), 0..80)
+            ) {
+                let text: String = picks.iter().map(|&i| TOKENS[i]).collect();
+                let _ = Sweep::parse(&text, "fuzz.yaml");
+            }
+        }
+    }
 }

@@ -4,3 +4,4 @@
 
 pub mod local;
 pub mod remote;
+pub mod spool;

@@ -34,6 +34,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use crate::spool::{self, Spooled};
+
 /// The largest message either side accepts (a checkpoint of the largest model fits).
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
 
@@ -58,9 +60,13 @@ pub struct RemoteArgs {
     /// A file holding the coordinator's shared token (default: $LVM_SWEEP_TOKEN, if set).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
-    /// Stop retrying an unreachable coordinator after this many seconds, then exit 1.
+    /// Stop retrying an unreachable coordinator after this many seconds: finish the current
+    /// trial, keep its reports in the spool and exit 1.
     #[arg(long, default_value_t = 300)]
     pub give_up_after: u64,
+    /// Where undelivered reports are kept; a worker delivers what it finds here at start.
+    #[arg(long, default_value = "lvm-worker-spool", value_name = "DIR")]
+    pub spool_dir: PathBuf,
 }
 
 /// Adds the bearer token, if any, to every request.
@@ -204,6 +210,8 @@ struct Worker {
     data: DataDir,
     /// Set by SIGTERM: take no new lease, stop running trials at their next epoch.
     draining: Arc<AtomicBool>,
+    /// Where undelivered reports are kept.
+    spool_dir: PathBuf,
 }
 
 /// How an attempt ended on this side.
@@ -234,8 +242,10 @@ impl Worker {
                 Some(lease_response::Outcome::Lease(lease)) => {
                     let trial = lease.trial_id.clone();
                     let attempt = lease.attempt;
-                    let ended = self.attempt(lease).await;
-                    self.finish(&mut client, &trial, attempt, ended).await?;
+                    let mut undelivered = Vec::new();
+                    let ended = self.attempt(lease, &mut undelivered).await;
+                    self.finish(&mut client, &trial, attempt, ended, undelivered)
+                        .await?;
                 }
                 Some(lease_response::Outcome::RetryAfterMs(ms)) => {
                     tokio::time::sleep(Duration::from_millis(u64::from(ms).clamp(50, 60_000)))
@@ -256,6 +266,7 @@ impl Worker {
         trial: &str,
         attempt: u32,
         ended: Ended,
+        undelivered: Vec<v1::EpochReport>,
     ) -> Result<()> {
         let Ended::Finished(outcome) = ended else {
             return Ok(());
@@ -268,22 +279,51 @@ impl Worker {
             }),
             outcome: Some(outcome),
         };
-        let ack = retry("finish", self.give_up, || {
+        if !undelivered.is_empty() {
+            return self.spool(trial, attempt, undelivered, report);
+        }
+        let sent = retry("finish", self.give_up, || {
             let mut client = client.clone();
             let report = report.clone();
             async move { client.finish(report).await }
         })
-        .await
-        .context("reporting a trial's outcome")?
-        .into_inner();
-        if !ack.accepted {
-            tracing::warn!(trial, attempt, reason = %ack.reason, "result rejected as stale");
+        .await;
+        match sent {
+            Ok(ack) => {
+                let ack = ack.into_inner();
+                if !ack.accepted {
+                    tracing::warn!(trial, attempt, reason = %ack.reason, "result rejected as stale");
+                }
+                Ok(())
+            }
+            Err(status) if transient(&status) => self.spool(trial, attempt, Vec::new(), report),
+            Err(status) => Err(anyhow::anyhow!(status)).context("reporting a trial's outcome"),
         }
-        Ok(())
+    }
+
+    /// Keeps an attempt's undelivered reports on disk and gives up on the coordinator.
+    fn spool(
+        &self,
+        trial: &str,
+        attempt: u32,
+        epochs: Vec<v1::EpochReport>,
+        finish: FinishReport,
+    ) -> Result<()> {
+        let mut reports: Vec<Spooled> = epochs.into_iter().map(Spooled::Epoch).collect();
+        reports.push(Spooled::Finish(finish));
+        let path = spool::write(&self.spool_dir, trial, attempt, &reports)?;
+        bail!(
+            "the coordinator stayed unreachable for {} s; the result of trial {trial} attempt \
+             {attempt} is kept in {} and is delivered by the next worker started with \
+             --spool-dir {}",
+            self.give_up.as_secs(),
+            path.display(),
+            self.spool_dir.display()
+        )
     }
 
     /// Runs one leased attempt to its end.
-    async fn attempt(&self, lease: v1::Lease) -> Ended {
+    async fn attempt(&self, lease: v1::Lease, undelivered: &mut Vec<v1::EpochReport>) -> Ended {
         let invalid = |error: String| {
             Ended::Finished(finish_report::Outcome::Failure(v1::Failure {
                 kind: FailureKind::Invalid as i32,
@@ -343,7 +383,7 @@ impl Worker {
             tokio::select! {
                 joined = &mut training => break joined,
                 Some(event) = rx.recv() => {
-                    if !self.send_epoch(&attempt_ref, event).await {
+                    if !self.send_epoch(&attempt_ref, event, undelivered).await {
                         revoked = true;
                         stop.store(true, Ordering::SeqCst);
                     }
@@ -361,7 +401,7 @@ impl Worker {
         };
         // Epochs finished before the trial ended are delivered before its outcome.
         while let Ok(event) = rx.try_recv() {
-            if !revoked && !self.send_epoch(&attempt_ref, event).await {
+            if !revoked && !self.send_epoch(&attempt_ref, event, undelivered).await {
                 revoked = true;
             }
         }
@@ -405,8 +445,14 @@ impl Worker {
         }
     }
 
-    /// Sends one epoch; false when the coordinator rejected it as stale.
-    async fn send_epoch(&self, attempt: &AttemptRef, event: Event) -> bool {
+    /// Sends one epoch; false when the coordinator rejected it as stale. Once the coordinator
+    /// has stayed unreachable past the give-up limit, epochs go to `undelivered` unsent.
+    async fn send_epoch(
+        &self,
+        attempt: &AttemptRef,
+        event: Event,
+        undelivered: &mut Vec<v1::EpochReport>,
+    ) -> bool {
         let Event::Epoch {
             epoch,
             metrics,
@@ -419,6 +465,10 @@ impl Worker {
             metrics,
             checkpoint,
         };
+        if !undelivered.is_empty() {
+            undelivered.push(report);
+            return true;
+        }
         let client = self.client.clone();
         let sent = retry("epoch report", self.give_up, || {
             let mut client = client.clone();
@@ -432,11 +482,67 @@ impl Worker {
                 tracing::warn!(reason = %ack.get_ref().reason, "epoch report rejected as stale");
                 false
             }
+            Err(status) if transient(&status) => {
+                tracing::warn!(error = %status, "coordinator gone; keeping epoch reports");
+                undelivered.push(report);
+                true
+            }
             Err(status) => {
-                tracing::warn!(error = %status, "epoch report not delivered");
+                tracing::warn!(error = %status, "epoch report refused");
                 true
             }
         }
+    }
+
+    /// Delivers the reports spooled by an earlier run, each file in order, and deletes each
+    /// file once all its reports were answered. A corrupt file is renamed aside.
+    async fn deliver_spool(&self) -> Result<()> {
+        for path in spool::pending(&self.spool_dir)? {
+            let reports = match spool::read(&path) {
+                Ok(reports) => reports,
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable spool file; moved aside");
+                    let _ = std::fs::rename(&path, path.with_extension("spool.corrupt"));
+                    continue;
+                }
+            };
+            for report in reports {
+                let client = self.client.clone();
+                let ack = match report {
+                    Spooled::Epoch(r) => {
+                        retry("spooled epoch", self.give_up, || {
+                            let mut client = client.clone();
+                            let r = r.clone();
+                            async move { client.report_epoch(r).await }
+                        })
+                        .await
+                    }
+                    Spooled::Finish(r) => {
+                        retry("spooled finish", self.give_up, || {
+                            let mut client = client.clone();
+                            let r = r.clone();
+                            async move { client.finish(r).await }
+                        })
+                        .await
+                    }
+                };
+                match ack {
+                    Ok(ack) if !ack.get_ref().accepted => {
+                        tracing::warn!(reason = %ack.get_ref().reason, "spooled report stale");
+                    }
+                    Ok(_) => {}
+                    Err(status) if transient(&status) => {
+                        return Err(anyhow::anyhow!(status))
+                            .context("delivering the spool: the coordinator is unreachable");
+                    }
+                    Err(status) => tracing::warn!(error = %status, "spooled report refused"),
+                }
+            }
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing delivered spool {}", path.display()))?;
+            eprintln!("delivered spooled reports from {}", path.display());
+        }
+        Ok(())
     }
 
     /// Renews the lease; false when the coordinator says the attempt is no longer ours.
@@ -519,7 +625,9 @@ pub async fn run(args: RemoteArgs) -> Result<()> {
         give_up,
         data: DataDir::resolve(args.data_dir.clone()),
         draining,
+        spool_dir: args.spool_dir.clone(),
     });
+    worker.deliver_spool().await?;
     let mut slots = tokio::task::JoinSet::new();
     for slot in 0..args.slots {
         let worker = worker.clone();
