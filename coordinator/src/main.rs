@@ -54,6 +54,12 @@ struct ServeArgs {
     /// A file holding the shared token workers must present (default: $LVM_SWEEP_TOKEN).
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key, workers connect with https://.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Dataset directory for local workers (default: theirs, $LVM_DATA_DIR or ./data).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -162,6 +168,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 },
                 token,
                 data_dir: args.data_dir,
+                tls: args.tls_cert.zip(args.tls_key),
             };
             let served = serve(options).await?;
             let tables = served.report.render(Format::Md);

@@ -39,6 +39,8 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// Passed to local workers.
     pub data_dir: Option<PathBuf>,
+    /// TLS certificate chain and private key (PEM files); plain HTTP/2 when `None`.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// How a served sweep ended.
@@ -116,6 +118,24 @@ pub async fn serve(options: ServeOptions) -> Result<Served> {
              --token-file FILE or $LVM_SWEEP_TOKEN (workers pass the same)"
         );
     }
+    if options.tls.is_some() && options.local_workers > 0 {
+        bail!(
+            "--local-workers cannot be combined with --tls-cert: start the workers yourself \
+             with `worker --coordinator https://HOST:PORT --ca-file CA`"
+        );
+    }
+    let tls = match &options.tls {
+        Some((cert, key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("reading TLS file {}", p.display()))
+            };
+            Some(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ))
+        }
+        None => None,
+    };
     let mut store = Store::open(&options.db)?;
     let file = options.sweep.display().to_string();
     let added = store.submit(&sweep, &file, now_ms())?;
@@ -131,7 +151,7 @@ pub async fn serve(options: ServeOptions) -> Result<Served> {
         scheduler.add(&id, entry, now);
     }
     if !scheduler.is_done() {
-        run_until_done(&options, scheduler, store).await?;
+        run_until_done(&options, tls, scheduler, store).await?;
     }
     let store = Store::open(&options.db)?;
     let trials = store.trials(&sweep.name)?;
@@ -148,7 +168,12 @@ pub async fn serve(options: ServeOptions) -> Result<Served> {
     Ok(Served { report, counts })
 }
 
-async fn run_until_done(options: &ServeOptions, scheduler: Scheduler, store: Store) -> Result<()> {
+async fn run_until_done(
+    options: &ServeOptions,
+    tls: Option<tonic::transport::Identity>,
+    scheduler: Scheduler,
+    store: Store,
+) -> Result<()> {
     let listener = TcpListener::bind(&options.listen)
         .await
         .with_context(|| format!("listening on {}", options.listen))?;
@@ -174,13 +199,18 @@ async fn run_until_done(options: &ServeOptions, scheduler: Scheduler, store: Sto
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         TokenCheck::new(options.token.clone()),
     );
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
-            }),
-    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = tls {
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("the TLS certificate or key is unusable")?;
+    }
+    let server = tokio::spawn(builder.add_service(grpc).serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        },
+    ));
     let ticker = {
         let service = service.clone();
         tokio::spawn(async move {

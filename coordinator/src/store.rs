@@ -522,6 +522,18 @@ impl Store {
             .map_err(|source| StoreError::Sqlite { path, source })
     }
 
+    /// The epochs an attempt reported, in order.
+    pub fn epochs(&self, trial: &str, attempt: u32) -> Result<Vec<u32>, StoreError> {
+        let run = || -> rusqlite::Result<Vec<u32>> {
+            let mut stmt = self.conn.prepare(
+                "SELECT epoch FROM epochs WHERE trial = ?1 AND attempt = ?2 ORDER BY epoch",
+            )?;
+            stmt.query_map(params![trial, attempt], |row| row.get(0))?
+                .collect()
+        };
+        run().map_err(|e| self.sql(e))
+    }
+
     /// The latest checkpoint of a trial, if any.
     pub fn checkpoint(&self, trial: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.conn

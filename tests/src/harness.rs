@@ -192,17 +192,105 @@ pub fn coordinator(args: &[&str]) -> Command {
     c
 }
 
-/// `worker --coordinator http://127.0.0.1:PORT --data-dir DATA` plus `args`.
+/// `worker --coordinator http://127.0.0.1:PORT --data-dir DATA` plus `args`, with a spool
+/// directory of its own under the system's temporary directory.
 pub fn worker(port: u16, args: &[&str]) -> Command {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let spool = std::env::temp_dir().join(format!("lvm-test-spool-{}-{n}", std::process::id()));
+    worker_spooling(port, &spool, args)
+}
+
+/// `worker --coordinator http://127.0.0.1:PORT --data-dir DATA --spool-dir SPOOL` plus `args`.
+pub fn worker_spooling(port: u16, spool: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(&binaries().worker);
     c.arg("--coordinator")
         .arg(format!("http://127.0.0.1:{port}"))
         .arg("--data-dir")
         .arg(data_dir())
+        .arg("--spool-dir")
+        .arg(spool)
         .args(args)
         .env("RAYON_NUM_THREADS", "1")
         .env("RUST_LOG", "warn");
     c
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `target` that can cut every connection and refuse
+/// new ones (a network partition), then heal.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The port workers connect to.
+    pub port: u16,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Starts forwarding to 127.0.0.1:`target`.
+    pub fn start(target: u16) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a proxy port");
+        let port = listener.local_addr().expect("bound").port();
+        let open = Arc::new(AtomicBool::new(true));
+        let streams: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (open2, streams2) = (open.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if !open2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let pipes = [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ];
+                streams2.lock().unwrap().extend([client, server]);
+                for pipe in pipes {
+                    if let (Ok(mut from), Ok(mut to)) = pipe {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(std::net::Shutdown::Both);
+                            let _ = from.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                }
+            }
+        });
+        Self {
+            port,
+            open,
+            streams,
+        }
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn heal(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The output of `coordinator status --db DB`.
+pub fn status(db: &Path) -> String {
+    let out = Command::new(&binaries().coordinator)
+        .arg("status")
+        .arg("--db")
+        .arg(db)
+        .output()
+        .expect("running coordinator status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Starts `coordinator --sweep SWEEP --db DB --listen 127.0.0.1:0` plus `extra`, waits until

@@ -49,7 +49,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", worker::one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

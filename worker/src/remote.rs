@@ -36,8 +36,9 @@ use tonic::{Code, Request, Status};
 
 use crate::spool::{self, Spooled};
 
-/// The largest message either side accepts (a checkpoint of the largest model fits).
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// The largest message either side accepts (the coordinator's limit; the largest checkpoint
+/// is 17.5 MB).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Flags of `worker --coordinator`.
 #[derive(Debug, Clone, Args)]
@@ -57,6 +58,9 @@ pub struct RemoteArgs {
     /// Name shown by the coordinator (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
+    /// With an https:// URL: trust only this CA certificate (PEM) instead of the public roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// A file holding the coordinator's shared token (default: $LVM_SWEEP_TOKEN, if set).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -99,12 +103,31 @@ pub fn token(file: Option<&std::path::Path>) -> Result<Option<String>> {
     Ok(raw.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()))
 }
 
-/// Connects (lazily: the first call dials, and later calls redial after a restart).
-pub fn client(url: &str, token: Option<&str>) -> Result<Client> {
-    let endpoint = Endpoint::from_shared(url.to_owned())
+/// Connects (lazily: the first call dials, and later calls redial after a restart). An
+/// https:// URL uses TLS, trusting `ca` (PEM) if given, else the public web roots.
+pub fn client(url: &str, token: Option<&str>, ca: Option<&std::path::Path>) -> Result<Client> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("--coordinator {url:?} is not a URL like http://HOST:50051"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(120));
+    match (url.starts_with("https://"), ca) {
+        (true, ca) => {
+            let tls = tonic::transport::ClientTlsConfig::new();
+            let tls = match ca {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .with_context(|| format!("reading --ca-file {}", path.display()))?;
+                    tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                }
+                None => tls.with_webpki_roots(),
+            };
+            endpoint = endpoint
+                .tls_config(tls)
+                .with_context(|| format!("setting up TLS for {url}"))?;
+        }
+        (false, Some(_)) => bail!("--ca-file needs an https:// coordinator URL, got {url}"),
+        (false, None) => {}
+    }
     let auth = match token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -292,7 +315,8 @@ impl Worker {
             Ok(ack) => {
                 let ack = ack.into_inner();
                 if !ack.accepted {
-                    tracing::warn!(trial, attempt, reason = %ack.reason, "result rejected as stale");
+                    let reason = ack.reason;
+                    tracing::warn!(trial, attempt, %reason, "result rejected as stale");
                 }
                 Ok(())
             }
@@ -439,7 +463,7 @@ impl Worker {
             Ok(Err(TrainError::Spec(e))) => invalid(e.to_string()),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "trial failed");
-                failure(format!("{:#}", anyhow::Error::new(e)))
+                failure(crate::one_line(&anyhow::Error::new(e)))
             }
             Err(join) => failure(format!("the trial panicked: {join}")),
         }
@@ -580,7 +604,7 @@ fn host_name() -> String {
 /// Registers, pulls and runs trials until the coordinator says the sweep is done.
 pub async fn run(args: RemoteArgs) -> Result<()> {
     let token = token(args.token_file.as_deref())?;
-    let mut client = client(&args.coordinator, token.as_deref())?;
+    let mut client = client(&args.coordinator, token.as_deref(), args.ca_file.as_deref())?;
     let give_up = Duration::from_secs(args.give_up_after);
     let name = args.name.clone().unwrap_or_else(host_name);
     let request = RegisterRequest {
