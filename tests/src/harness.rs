@@ -27,8 +27,9 @@ pub struct Binaries {
     pub worker: PathBuf,
 }
 
-/// Builds the two binaries in this test's profile (a no-op when they are fresh) and returns
-/// their paths.
+/// Builds the two binaries in this test's profile and returns their paths. They are built
+/// as `cargo test --workspace` builds them (with the features the tests unify), so under
+/// `cargo test --workspace` this is a no-op and never rebuilds the library a second time.
 pub fn binaries() -> &'static Binaries {
     static BINARIES: OnceLock<Binaries> = OnceLock::new();
     BINARIES.get_or_init(|| {
@@ -40,14 +41,9 @@ pub fn binaries() -> &'static Binaries {
             .expect("the test binary sits in target/<profile>/deps");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
-        build.current_dir(workspace()).args([
-            "build",
-            "--bins",
-            "-p",
-            "coordinator",
-            "-p",
-            "worker",
-        ]);
+        build
+            .current_dir(workspace())
+            .args(["test", "--workspace", "--no-run"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
