@@ -1,29 +1,9 @@
 //! Who may talk to the coordinator. Bound to a loopback address it accepts every local
 //! process, like a database on localhost; bound anywhere else it requires a shared token,
 //! read from a file or the environment (never a command-line argument, which other users
-//! can see), and rejects requests without it as `unauthenticated`.
-
-use std::path::Path;
+//! can see, `lvm_proto::load_token`), and rejects requests without it as `unauthenticated`.
 
 use tonic::{Request, Status};
-
-/// Reads the shared token from `file`, else from `$LVM_SWEEP_TOKEN`; `None` if neither.
-pub fn load_token(file: Option<&Path>) -> Result<Option<String>, String> {
-    let raw = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("token file {}: {e}", path.display()))?,
-        ),
-        None => std::env::var("LVM_SWEEP_TOKEN").ok(),
-    };
-    let token = raw.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
-    if let Some(t) = &token
-        && (t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
-    {
-        return Err("the token must be at least 16 printable ASCII characters".into());
-    }
-    Ok(token)
-}
 
 /// Checks the bearer token of every request.
 #[derive(Debug, Clone)]
@@ -87,18 +67,5 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         assert!(TokenCheck::new(None).call(with(None)).is_ok());
-    }
-
-    #[test]
-    fn short_tokens_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t");
-        std::fs::write(&path, "short\n").unwrap();
-        assert!(load_token(Some(&path)).unwrap_err().contains("at least 16"));
-        std::fs::write(&path, "0123456789abcdef\n").unwrap();
-        assert_eq!(
-            load_token(Some(&path)).unwrap().unwrap(),
-            "0123456789abcdef"
-        );
     }
 }

@@ -153,8 +153,8 @@ async fn run(cli: Cli) -> Result<bool> {
                      (status, report); see --help"
                 );
             };
-            let token = coordinator::auth::load_token(args.token_file.as_deref())
-                .map_err(anyhow::Error::msg)?;
+            let token =
+                lvm_proto::load_token(args.token_file.as_deref()).map_err(anyhow::Error::msg)?;
             let options = ServeOptions {
                 sweep,
                 db: args.db,

@@ -243,7 +243,7 @@ async fn run_until_done(
                 command.arg("--data-dir").arg(dir);
             }
             if let Some(token) = &options.token {
-                command.env("LVM_SWEEP_TOKEN", token);
+                command.env(lvm_proto::TOKEN_ENV, token);
             }
             children.push(command.spawn().with_context(|| {
                 format!("starting local worker {} ({})", i + 1, binary.display())

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coordinator::scheduler::Policy;
-use coordinator::serve::{ServeOptions, serve};
+use coordinator::serve::{ServeOptions, Served, serve};
 use coordinator::store::Store;
 use lvm_proto::v1::coordinator_client::CoordinatorClient;
 use lvm_proto::v1::{
@@ -81,6 +81,15 @@ async fn register(port: u16, name: &str) -> (CoordinatorClient<Channel>, String)
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("the coordinator never came up");
+}
+
+/// Waits for the served sweep to end (it ends once every trial has finished).
+async fn served(server: tokio::task::JoinHandle<anyhow::Result<Served>>) -> Served {
+    tokio::time::timeout(Duration::from_secs(60), server)
+        .await
+        .expect("the sweep ends")
+        .expect("the serving task")
+        .expect("serving succeeds")
 }
 
 fn success(worker: &str, trial: String, attempt: u32) -> FinishReport {
@@ -179,11 +188,7 @@ async fn workers_asking_at_the_same_instant_get_distinct_trials() {
         trials.insert(t.await.unwrap());
     }
     assert_eq!(trials.len(), N, "each worker got a trial of its own");
-    let served = tokio::time::timeout(Duration::from_secs(60), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let served = served(server).await;
     assert_eq!(served.counts.succeeded, N);
 }
 
@@ -217,11 +222,7 @@ async fn ten_thousand_trials_on_fifty_workers_with_some_killed_each_succeed_once
             .unwrap();
     }
     assert_eq!(finished, TRIALS, "accepted successes, all workers together");
-    let served = tokio::time::timeout(Duration::from_secs(60), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let served = served(server).await;
     assert_eq!(served.counts.succeeded, TRIALS);
     let store = Store::open(&dir.path().join("storm.db")).unwrap();
     let mut successes: BTreeMap<String, usize> = BTreeMap::new();
@@ -278,10 +279,6 @@ async fn an_oversized_message_is_refused_and_the_service_goes_on() {
         .unwrap()
         .into_inner();
     assert!(ack.accepted);
-    let served = tokio::time::timeout(Duration::from_secs(60), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let served = served(server).await;
     assert_eq!(served.counts.succeeded, 1);
 }

@@ -9,6 +9,28 @@ pub mod v1 {
     tonic::include_proto!("lvm.sweep.v1");
 }
 
+/// The environment variable that holds the shared token when no token file is given.
+pub const TOKEN_ENV: &str = "LVM_SWEEP_TOKEN";
+
+/// Reads the shared token both sides present: from `file`, else from `$LVM_SWEEP_TOKEN`;
+/// `None` if neither is set. A token must be at least 16 printable ASCII characters.
+pub fn load_token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    let raw = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("token file {}: {e}", path.display()))?,
+        ),
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    let token = raw.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+    if let Some(t) = &token
+        && (t.len() < 16 || !t.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err("the token must be at least 16 printable ASCII characters".into());
+    }
+    Ok(token)
+}
+
 /// The protocol version that this build speaks, sent by workers when they register.
 pub const PROTOCOL_VERSION: &str = "v1";
 
@@ -17,6 +39,25 @@ mod tests {
     use prost::Message;
 
     use super::v1;
+
+    #[test]
+    fn short_tokens_are_refused() {
+        let dir = std::env::temp_dir().join(format!("lvm-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t");
+        std::fs::write(&path, "short\n").unwrap();
+        assert!(
+            super::load_token(Some(&path))
+                .unwrap_err()
+                .contains("at least 16")
+        );
+        std::fs::write(&path, "0123456789abcdef\n").unwrap();
+        assert_eq!(
+            super::load_token(Some(&path)).unwrap().unwrap(),
+            "0123456789abcdef"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_lease_survives_encoding() {

@@ -304,3 +304,20 @@ pub fn serve(sweep: &Path, db: &Path, extra: &[&str]) -> (Proc, u16) {
         .unwrap_or_else(|| panic!("no port in {line:?}"));
     (proc, port)
 }
+
+/// Writes `DIR/NAME.yaml`: a sweep of one experiment, seed 1, and returns its path.
+pub fn sweep_file(
+    dir: &Path,
+    name: &str,
+    defaults: &str,
+    task: &str,
+    estimators: &str,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    let text = format!(
+        "name: {name}\ndefaults: {defaults}\nexperiments:\n  - task: {task}\n    seeds: [1]\n    \
+         estimators: {estimators}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -10,25 +10,11 @@ use std::time::{Duration, Instant};
 
 use coordinator::store::Store;
 use lvm_sweep_tests::harness::{
-    Proc, Proxy, binaries, data_dir, free_port, serve, status, worker, worker_spooling,
+    Proc, Proxy, binaries, data_dir, free_port, serve, status, sweep_file, worker, worker_spooling,
 };
 
-/// Writes a one-experiment sweep file and returns its path.
-fn sweep_file(
-    dir: &Path,
-    name: &str,
-    defaults: &str,
-    task: &str,
-    estimators: &str,
-) -> std::path::PathBuf {
-    let path = dir.join(format!("{name}.yaml"));
-    let text = format!(
-        "name: {name}\ndefaults: {defaults}\nexperiments:\n  - task: {task}\n    seeds: [1]\n    \
-         estimators: {estimators}\n"
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
+/// A 2 s lease with 1 s of grace, so that losses happen within a test.
+const SHORT_LEASE: [&str; 4] = ["--lease-seconds", "2", "--grace-seconds", "1"];
 
 /// Polls the store until `ready` holds for the sweep's first trial.
 fn wait_until(
@@ -136,11 +122,7 @@ fn dead_worker(mid_trial: bool) {
         "{sfe: {batch_size: 16}}",
     );
     let db = dir.path().join("sweep.db");
-    let (mut coord, port) = serve(
-        &sweep,
-        &db,
-        &["--lease-seconds", "2", "--grace-seconds", "1"],
-    );
+    let (mut coord, port) = serve(&sweep, &db, &SHORT_LEASE);
     let mut doomed = Proc::spawn(worker(port, &["--name", "doomed"]));
     if mid_trial {
         wait_until(&db, "dead", "the first epoch is reported", |t| {
@@ -207,11 +189,7 @@ fn a_partitioned_worker_has_its_stale_report_rejected_and_carries_on() {
         "{sfe: {batch_size: 16}}",
     );
     let db = dir.path().join("sweep.db");
-    let (mut coord, port) = serve(
-        &sweep,
-        &db,
-        &["--lease-seconds", "2", "--grace-seconds", "1"],
-    );
+    let (mut coord, port) = serve(&sweep, &db, &SHORT_LEASE);
     let proxy = Proxy::start(port);
     let mut cut_off = Proc::spawn(worker(proxy.port, &["--name", "cutoff"]));
     wait_until(&db, "split", "the trial is leased", |t| {
@@ -408,17 +386,13 @@ fn a_token_keeps_intruders_out_and_garbage_on_the_port_harms_nothing() {
 #[test]
 fn a_drained_worker_hands_back_its_trial_which_resumes_with_identical_metrics() {
     let dir = tempfile::tempdir().unwrap();
-    let sweep = dir.path().join("drain.yaml");
-    std::fs::write(
-        &sweep,
-        "name: drain\n\
-         defaults: {epochs: 3, test_limit: 16}\n\
-         experiments:\n\
-         \x20 - task: signal_game\n\
-         \x20   seeds: [1]\n\
-         \x20   estimators: {sfe: {batch_size: 16}}\n",
-    )
-    .unwrap();
+    let sweep = sweep_file(
+        dir.path(),
+        "drain",
+        "{epochs: 3, test_limit: 16}",
+        "signal_game",
+        "{sfe: {batch_size: 16}}",
+    );
     let db = dir.path().join("sweep.db");
     let (mut coord, port) = serve(&sweep, &db, &[]);
     let mut first = Proc::spawn(worker(port, &["--name", "first"]));

@@ -91,18 +91,6 @@ impl Interceptor for Auth {
 /// The client type.
 pub type Client = CoordinatorClient<InterceptedService<Channel, Auth>>;
 
-/// Reads the shared token from `--token-file` or `$LVM_SWEEP_TOKEN`.
-pub fn token(file: Option<&std::path::Path>) -> Result<Option<String>> {
-    let raw = match file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading token file {}", path.display()))?,
-        ),
-        None => std::env::var("LVM_SWEEP_TOKEN").ok(),
-    };
-    Ok(raw.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()))
-}
-
 /// Connects (lazily: the first call dials, and later calls redial after a restart). An
 /// https:// URL uses TLS, trusting `ca` (PEM) if given, else the public web roots.
 pub fn client(url: &str, token: Option<&str>, ca: Option<&std::path::Path>) -> Result<Client> {
@@ -603,7 +591,7 @@ fn host_name() -> String {
 
 /// Registers, pulls and runs trials until the coordinator says the sweep is done.
 pub async fn run(args: RemoteArgs) -> Result<()> {
-    let token = token(args.token_file.as_deref())?;
+    let token = lvm_proto::load_token(args.token_file.as_deref()).map_err(anyhow::Error::msg)?;
     let mut client = client(&args.coordinator, token.as_deref(), args.ca_file.as_deref())?;
     let give_up = Duration::from_secs(args.give_up_after);
     let name = args.name.clone().unwrap_or_else(host_name);
