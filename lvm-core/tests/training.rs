@@ -4,10 +4,13 @@
 //! ends exactly like an uninterrupted one.
 
 use burn::tensor::Device;
+use lvm_core::checkpoint::CheckpointFile;
 use lvm_core::data::{DataDir, Source};
 use lvm_core::spec::{Estimator, Task, TrialSpec};
-use lvm_core::tasks::{Stage, StepOutcome};
-use lvm_core::train::{Control, EpochReport, Observer, TrialOptions, TrialOutcome, run_trial};
+use lvm_core::tasks::{self, EpochRng, Stage, StepOutcome};
+use lvm_core::train::{
+    Control, EpochReport, Observer, TrialOptions, TrialOutcome, run_model, run_trial,
+};
 
 fn data_dir() -> DataDir {
     let given =
@@ -55,23 +58,18 @@ fn short(task: Task, estimator: Estimator, steps: u64, batch: usize) -> TrialSpe
 }
 
 /// In the signalling game the sender's scores hardly depend on the image at the start, so a
-/// sampled message carries little signal until they do. Measured at the paper's step size,
-/// batch 32, seed 7: exact marginalization falls within 300 steps; Gumbel and
-/// straight-through Gumbel within 500 (2.77 -> 1.83 and 2.77 -> 2.40 nats by steps 400-500);
-/// with sampled messages and REINFORCE (SFE, SFE+, NVIL, Sum&Sample) no decrease within
-/// 1,500 steps, and SFE learns by about 1,000-2,500 steps. Those four are checked here for
-/// running, finite metrics and exact decoder calls, over fewer steps.
+/// message carries little signal until they do. Measured from initialization at a step size
+/// of 1e-3, batch 32, seed 7: Gumbel and straight-through Gumbel communicate within 500
+/// steps (2.77 -> 1.86 and 2.77 -> 2.44 nats by the last 125, against log 16 = 2.77 for
+/// a receiver that guesses); exact marginalization (softmax, sparsemax) only comes back to
+/// chance within 300 (2.79 -> 2.78), though sparsemax at its paper step size of 5e-3 falls
+/// to 2.41 in its third 100 steps; with sampled messages and REINFORCE (SFE, SFE+, NVIL,
+/// Sum&Sample) there is no decrease within 1,500 steps, and SFE learns by about
+/// 1,000-2,500. Here those six run 40 steps and are checked for finite metrics and exact
+/// decoder calls; that they learn is checked from a game that already communicates, in
+/// `one_hot_estimators_improve_a_communicating_game`.
 fn slow_starter(task: Task, estimator: Estimator) -> bool {
-    task == Task::SignalGame
-        && matches!(
-            estimator,
-            Estimator::Sfe | Estimator::SfePlus | Estimator::Nvil | Estimator::SumAndSample
-        )
-}
-
-/// Main steps at which a game estimator is checked for a falling loss.
-fn game_steps(estimator: Estimator) -> u64 {
-    if estimator.is_gumbel() { 500 } else { 300 }
+    task == Task::SignalGame && !estimator.is_gumbel()
 }
 
 fn mean(values: &[f64]) -> f64 {
@@ -86,7 +84,7 @@ fn every_pair_learns_and_counts_its_decoder_calls() {
             let (steps, batch) = match task {
                 Task::Ssvae => (30, 32),
                 Task::SignalGame if slow_starter(task, estimator) => (40, 32),
-                Task::SignalGame => (game_steps(estimator), 32),
+                Task::SignalGame => (500, 32),
                 Task::Bitvec => (30, 16),
             };
             let mut spec = short(task, estimator, steps, batch);
@@ -101,12 +99,7 @@ fn every_pair_learns_and_counts_its_decoder_calls() {
             let TrialOutcome::Finished(result) = outcome else {
                 panic!("{task} {estimator} did not finish");
             };
-            let objective: Vec<f64> = seen.0.iter().map(|s| s.objective).collect();
-            let w = objective.len() / 4;
-            let (first, last) = (
-                mean(&objective[..w]),
-                mean(&objective[objective.len() - w..]),
-            );
+            let (first, last) = first_and_last_quarter(&seen);
             report.push(format!("{task} {estimator}: {first:.4} -> {last:.4}"));
             if !slow_starter(task, estimator) {
                 assert!(last < first, "{task} {estimator}: {first} -> {last}");
@@ -258,4 +251,77 @@ fn a_corrupt_checkpoint_is_refused_by_name() {
         err.contains("checkpoint.bin") && err.contains("checksum"),
         "{err}"
     );
+}
+
+/// The mean objective of the first and of the last quarter of the steps seen.
+fn first_and_last_quarter(seen: &Steps) -> (f64, f64) {
+    let objective: Vec<f64> = seen.0.iter().map(|s| s.objective).collect();
+    let w = objective.len() / 4;
+    (
+        mean(&objective[..w]),
+        mean(&objective[objective.len() - w..]),
+    )
+}
+
+/// The game estimators with one-hot messages, which do not communicate within a short run
+/// from scratch (see [`slow_starter`]), start instead from a game that does: 500 steps of
+/// Gumbel-Softmax (seed 7, batch 32), which wins about a third of 512 test games where
+/// chance wins 1 in 16. The sender's and receiver's parameters are copied (the message table
+/// has the same shape for a relaxed and a one-hot message), the optimizer starts afresh, and
+/// each estimator trains 600 steps at the paper's step size with one entropy coefficient for
+/// all (0.01, the paper's for SFE). Each must lower both its training objective (last
+/// quarter of the steps against the first) and its test loss on the same 512 games,
+/// evaluated with the same random stream before and after. Measured: SFE -0.176 -> -0.199
+/// (objective, the negated success rate) and a test success of 17.4% -> 21.7%; SFE+
+/// -0.175 -> -0.196 and 18.9% -> 20.1%; NVIL 2.31 -> 1.99 nats and 2.73 -> 1.92 on test;
+/// Sum&Sample 2.28 -> 1.91 and 2.04 -> 1.72; softmax 2.09 -> 1.59 and 2.65 -> 1.50;
+/// sparsemax 1.53 -> 1.03 and 2.03 -> 0.97 (success 27% -> 57%).
+#[test]
+fn one_hot_estimators_improve_a_communicating_game() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut teacher = short(Task::SignalGame, Estimator::Gumbel, 500, 32);
+    teacher.hyper.lr = 1e-3;
+    teacher.hyper.test_limit = Some(512);
+    let taught = run_trial(&teacher, &options(Some(dir.path().into())), &mut ()).unwrap();
+    let success = finished(taught).metrics["test_success"];
+    assert!(
+        success > 0.25,
+        "the warm start must communicate: success {success}"
+    );
+    let parameters = CheckpointFile::new(dir.path(), &teacher)
+        .load()
+        .unwrap()
+        .expect("the trial left its checkpoint")
+        .model
+        .parameters;
+
+    let mut report = Vec::new();
+    for &estimator in Task::SignalGame.estimators() {
+        if !slow_starter(Task::SignalGame, estimator) {
+            continue;
+        }
+        let mut spec = short(Task::SignalGame, estimator, 600, 32);
+        spec.hyper.lr = 1e-3;
+        spec.hyper.entropy_coeff = 0.01;
+        spec.hyper.test_limit = Some(512);
+        let opts = options(None);
+        let mut model = tasks::build(&spec, &opts.data, None, &opts.device).unwrap();
+        model.warm_start(&parameters).unwrap();
+        let before = model
+            .evaluate(&mut EpochRng::evaluation(spec.seed))
+            .unwrap();
+        let mut seen = Steps::default();
+        let after = finished(run_model(model, &spec, &opts, &mut seen).unwrap()).metrics;
+        let (first, last) = first_and_last_quarter(&seen);
+        let (was, is) = (before["test_loss"], after["test_loss"]);
+        report.push(format!(
+            "{estimator}: objective {first:.4} -> {last:.4}, test loss {was:.4} -> {is:.4}, \
+             success {:.4} -> {:.4}",
+            before["test_success"], after["test_success"]
+        ));
+        assert!(last < first, "{estimator}: objective {first} -> {last}");
+        assert!(is < was, "{estimator}: test loss {was} -> {is}");
+    }
+    assert_eq!(report.len(), 6);
+    println!("{}", report.join("\n"));
 }

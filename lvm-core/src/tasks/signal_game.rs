@@ -193,9 +193,10 @@ impl SignalGame {
         let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
         let net = GameNet::new(train.dim(), spec.estimator, &mut rng, device);
         let games = spec.hyper.test_limit.unwrap_or(TEST_GAMES).min(TEST_GAMES);
-        let test_games =
-            test.sample(games, GAME_SIZE, &mut ChaCha8Rng::seed_from_u64(TEST_SEED))?;
-        train.sample(1, GAME_SIZE, &mut rng)?;
+        // Test games have the trial's size too; a size the images cannot fill is refused here.
+        let size = spec.hyper.game_size.unwrap_or(GAME_SIZE);
+        let test_games = test.sample(games, size, &mut ChaCha8Rng::seed_from_u64(TEST_SEED))?;
+        train.sample(1, size, &mut rng)?;
         Ok(Self {
             spec: spec.clone(),
             net,
@@ -442,6 +443,7 @@ impl TaskModel for SignalGame {
 mod tests {
     use super::*;
     use crate::estimators::one_hot;
+    use crate::spec::Task;
 
     #[test]
     fn the_gathered_table_equals_the_dense_receiver() {
@@ -481,5 +483,26 @@ mod tests {
             assert!((x - y).abs() < 1e-4, "{g:?} vs {d:?}");
         }
         assert_eq!(s1, s2);
+    }
+
+    #[test]
+    fn test_games_have_the_trial_s_size() {
+        // 5 concepts of 3 images each, 4-dimensional features.
+        let labels: Vec<i64> = (0..15).map(|i| i / 3).collect();
+        let features: Vec<f32> = (0..15 * 4).map(|i| 1.0 + (i % 7) as f32).collect();
+        let images = || GameImages::new(features.clone(), 4, &labels, Path::new("mem")).unwrap();
+        let device = Device::flex().autodiff();
+        let mut spec = TrialSpec::paper(Task::SignalGame, Estimator::Sfe, 1);
+        spec.hyper.test_limit = Some(6);
+        for size in [2, 5] {
+            spec.hyper.game_size = Some(size);
+            let game = SignalGame::with_images(&spec, images(), images(), &device).unwrap();
+            assert_eq!(game.test_games.len(), 6);
+            assert!(game.test_games.iter().all(|g| g.receiver.len() == size));
+        }
+        // 6 images per game cannot be filled from 5 concepts: refused when the game is built.
+        spec.hyper.game_size = Some(6);
+        let refused = SignalGame::with_images(&spec, images(), images(), &device);
+        assert!(refused.is_err());
     }
 }
