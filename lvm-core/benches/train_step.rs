@@ -8,7 +8,10 @@
 //! train_step`. The supports print to stderr as `support <task>/<estimator>: <calls>`.
 //! `TRAIN_STEP_ONLY=<text>` keeps the pairs whose name contains it; `TRAIN_STEP_PRETRAIN=N`
 //! trains N main-stage steps before measuring (the sparse estimators' support shrinks as
-//! training goes on).
+//! training goes on); `TRAIN_STEP_K=K` sets k for the pairs that have one (top-k sparsemax
+//! and Sum&Sample), which bounds top-k sparsemax's support by K; `TRAIN_STEP_BITS=D` gives
+//! the bit-vector VAE D bits with the paper's settings for D (32 by default; at 128 the
+//! SparseMAP pairs use the paper's batch of 16).
 
 use std::time::{Duration, Instant};
 
@@ -29,21 +32,34 @@ fn bench(c: &mut Criterion) {
     let data = data_dir();
     let only = std::env::var("TRAIN_STEP_ONLY").ok();
     let pretrain: usize = std::env::var("TRAIN_STEP_PRETRAIN").map_or(0, |n| n.parse().unwrap());
+    let k: Option<usize> = std::env::var("TRAIN_STEP_K")
+        .ok()
+        .map(|n| n.parse().unwrap());
+    let bits: Option<usize> = std::env::var("TRAIN_STEP_BITS")
+        .ok()
+        .map(|n| n.parse().unwrap());
     let mut group = c.benchmark_group("train_step");
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500));
     for task in Task::ALL {
         for &estimator in task.estimators() {
-            let name = if pretrain > 0 {
-                format!("{task}/{estimator}/after_{pretrain}_steps")
-            } else {
-                format!("{task}/{estimator}")
-            };
+            let mut spec = TrialSpec::paper(task, estimator, 42);
+            let mut name = format!("{task}/{estimator}");
+            if let (Some(bits), Task::Bitvec) = (bits, task) {
+                spec = spec.with_bits(bits);
+                name.push_str(&format!("/d_{bits}"));
+            }
+            if let (Some(k), Some(_)) = (k, spec.hyper.k) {
+                spec.hyper.k = Some(k);
+                name.push_str(&format!("/k_{k}"));
+            }
+            if pretrain > 0 {
+                name.push_str(&format!("/after_{pretrain}_steps"));
+            }
             if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
                 continue;
             }
-            let spec = TrialSpec::paper(task, estimator, 42);
             let mut model = tasks::build(&spec, &data, None, &device).expect("data and spec");
             let plan = model.plan();
             if task == Task::Ssvae {
