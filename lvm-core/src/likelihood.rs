@@ -87,15 +87,15 @@ pub fn pixel_nll_fused(
     let per_example: Vec<ExampleGrad> = (0..examples)
         .into_par_iter()
         .map(|e| {
-            let h_e = &hv[e * pixels * rank..][..pixels * rank];
-            example_nll(
-                h_e,
-                &wv,
-                &cv,
-                &targets[e * pixels..][..pixels],
+            Example {
+                h: &hv[e * pixels * rank..][..pixels * rank],
+                w: &wv,
+                c: &cv,
+                targets: &targets[e * pixels..][..pixels],
                 rank,
                 values,
-            )
+            }
+            .nll()
         })
         .collect();
 
@@ -146,30 +146,9 @@ struct ExampleGrad {
     c: Vec<f32>,
 }
 
-/// One example's value and gradients: [`example_nll_body`] compiled for the widest vectors
-/// the CPU has (AVX2 and FMA on most x86-64 servers), chosen at run time. Every variant runs
-/// the same operations in the same order (Rust never fuses a multiply and an add on its own),
-/// so the results are bit-identical on every CPU.
-fn example_nll(
-    h: &[f32],
-    w: &[f32],
-    c: &[f32],
-    targets: &[u8],
-    rank: usize,
-    values: usize,
-) -> ExampleGrad {
-    pulp::Arch::new().dispatch(Example {
-        h,
-        w,
-        c,
-        targets,
-        rank,
-        values,
-    })
-}
-
-/// [`example_nll`]'s arguments. Its `with_simd` is inlined into each of pulp's
-/// per-instruction-set functions (a closure would not be), and so is the body it calls.
+/// One example's inputs: its `P×R` projections `h`, the shared `W` and `c`, its pixels and
+/// the sizes.
+#[derive(Clone, Copy)]
 struct Example<'a> {
     h: &'a [f32],
     w: &'a [f32],
@@ -179,12 +158,24 @@ struct Example<'a> {
     values: usize,
 }
 
+impl Example<'_> {
+    /// The value and gradients: [`example_nll_body`] compiled for the widest vectors the CPU
+    /// has (AVX2 and FMA on most x86-64 servers), chosen at run time. Every variant runs the
+    /// same operations in the same order (Rust never fuses a multiply and an add on its own),
+    /// so the results are bit-identical on every CPU.
+    fn nll(self) -> ExampleGrad {
+        pulp::Arch::new().dispatch(self)
+    }
+}
+
+/// `with_simd` is inlined into each of pulp's per-instruction-set functions (a closure would
+/// not be), and so is the body it calls.
 impl pulp::WithSimd for Example<'_> {
     type Output = ExampleGrad;
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) -> ExampleGrad {
-        example_nll_body(self.h, self.w, self.c, self.targets, self.rank, self.values)
+        example_nll_body(self)
     }
 }
 
@@ -196,14 +187,15 @@ impl pulp::WithSimd for Example<'_> {
 /// ∂/∂c(v) = Σ_p π(p, v) - 1[v = x_p]
 /// ```
 #[inline(always)]
-fn example_nll_body(
-    h: &[f32],
-    w: &[f32],
-    c: &[f32],
-    targets: &[u8],
-    rank: usize,
-    values: usize,
-) -> ExampleGrad {
+fn example_nll_body(example: Example<'_>) -> ExampleGrad {
+    let Example {
+        h,
+        w,
+        c,
+        targets,
+        rank,
+        values,
+    } = example;
     let mut grad = ExampleGrad {
         value: 0.0,
         h: vec![0.0; h.len()],
@@ -399,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_vectorized_kernel_equals_the_baseline_one_bit_for_bit() {
-        // `example_nll` runs the body compiled for this CPU's widest vectors; called directly,
+        // `Example::nll` runs the body compiled for this CPU's widest vectors; called directly,
         // the body is compiled for the baseline instruction set. Bit-identical results are
         // what keep a seeded trial's metrics the same on every CPU.
         let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -408,8 +400,15 @@ mod tests {
             |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect() };
         let (h, w, c) = (draw(pixels * rank), draw(rank * values), draw(values));
         let targets: Vec<u8> = (0..pixels).map(|p| (p * 71 % values) as u8).collect();
-        let wide = example_nll(&h, &w, &c, &targets, rank, values);
-        let base = example_nll_body(&h, &w, &c, &targets, rank, values);
+        let example = Example {
+            h: &h,
+            w: &w,
+            c: &c,
+            targets: &targets,
+            rank,
+            values,
+        };
+        let (wide, base) = (example.nll(), example_nll_body(example));
         assert_eq!(wide.value.to_bits(), base.value.to_bits());
         for (name, a, b) in [
             ("h", &wide.h, &base.h),
