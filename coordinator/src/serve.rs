@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lvm_proto::MAX_MESSAGE_BYTES;
 use lvm_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,7 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::auth::TokenCheck;
 use crate::report::Report;
 use crate::scheduler::{Counts, Policy, Scheduler};
-use crate::service::{self, MAX_MESSAGE_BYTES, Service, State, now_ms};
+use crate::service::{self, Service, State, now_ms};
 use crate::store::Store;
 use crate::sweep::Sweep;
 

@@ -18,9 +18,6 @@ use tonic::{Request, Response, Status};
 use crate::scheduler::{Counts, LeaseDecision, Outcome, Rejection, Scheduler, Transition};
 use crate::store::{Store, StoreError, WorkerRecord};
 
-/// The largest message either side accepts. The largest checkpoint, the signalling game
-/// with NVIL's baseline network, is 17.5 MB; an SSVAE checkpoint is 6.9 MB.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Longest accepted name (worker name, metric name, trial id).
 const MAX_NAME: usize = 256;
 /// Most metrics in one report.

@@ -14,7 +14,7 @@ use coordinator::serve::{ServeOptions, Served, serve};
 use coordinator::store::Store;
 use lvm_proto::v1::coordinator_client::CoordinatorClient;
 use lvm_proto::v1::{
-    AttemptRef, Capabilities, FinishReport, LeaseRequest, Metric, RegisterRequest, Success,
+    AttemptRef, Capabilities, FinishReport, Lease, LeaseRequest, Metric, RegisterRequest, Success,
     finish_report, lease_response,
 };
 use rand::{Rng, SeedableRng};
@@ -92,6 +92,21 @@ async fn served(server: tokio::task::JoinHandle<anyhow::Result<Served>>) -> Serv
         .expect("serving succeeds")
 }
 
+/// Asks for a trial and expects one.
+async fn lease(client: &mut CoordinatorClient<Channel>, worker: &str) -> Lease {
+    let answer = client
+        .lease(LeaseRequest {
+            worker_id: worker.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match answer.outcome {
+        Some(lease_response::Outcome::Lease(lease)) => lease,
+        other => panic!("worker {worker} got no lease: {other:?}"),
+    }
+}
+
 fn success(worker: &str, trial: String, attempt: u32) -> FinishReport {
     let metric = |name: &str, value| Metric {
         name: name.into(),
@@ -165,16 +180,7 @@ async fn workers_asking_at_the_same_instant_get_distinct_trials() {
         tasks.push(tokio::spawn(async move {
             let (mut client, id) = register(port, &format!("w{i}")).await;
             barrier.wait().await;
-            let answer = client
-                .lease(LeaseRequest {
-                    worker_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let Some(lease_response::Outcome::Lease(lease)) = answer.outcome else {
-                panic!("worker {i} got no lease: {answer:?}");
-            };
+            let lease = lease(&mut client, &id).await;
             let trial = lease.trial_id.clone();
             client
                 .finish(success(&id, lease.trial_id, lease.attempt))
@@ -246,16 +252,7 @@ async fn an_oversized_message_is_refused_and_the_service_goes_on() {
     let server = tokio::spawn(serve(options(dir.path(), 1, port)));
     let (client, id) = register(port, "big").await;
     let mut client = client.max_encoding_message_size(usize::MAX);
-    let answer = client
-        .lease(LeaseRequest {
-            worker_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(lease_response::Outcome::Lease(lease)) = answer.outcome else {
-        panic!("no lease: {answer:?}");
-    };
+    let lease = lease(&mut client, &id).await;
     // One byte over the 64 MiB limit.
     let report = lvm_proto::v1::EpochReport {
         worker_id: id.clone(),
@@ -265,7 +262,7 @@ async fn an_oversized_message_is_refused_and_the_service_goes_on() {
         }),
         epoch: 0,
         metrics: vec![],
-        checkpoint: vec![0; (64 << 20) + 1],
+        checkpoint: vec![0; lvm_proto::MAX_MESSAGE_BYTES + 1],
     };
     let refused = client.report_epoch(report).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused}");

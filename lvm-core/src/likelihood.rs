@@ -84,6 +84,7 @@ pub fn pixel_nll_fused(
     }
 
     // Per example: the value, ∂/∂h (P×R), ∂/∂W (R×V) and ∂/∂c (V).
+    let arch = pulp::Arch::new();
     let per_example: Vec<ExampleGrad> = (0..examples)
         .into_par_iter()
         .map(|e| {
@@ -95,7 +96,7 @@ pub fn pixel_nll_fused(
                 rank,
                 values,
             }
-            .nll()
+            .nll(arch)
         })
         .collect();
 
@@ -160,11 +161,11 @@ struct Example<'a> {
 
 impl Example<'_> {
     /// The value and gradients: [`example_nll_body`] compiled for the widest vectors the CPU
-    /// has (AVX2 and FMA on most x86-64 servers), chosen at run time. Every variant runs the
-    /// same operations in the same order (Rust never fuses a multiply and an add on its own),
-    /// so the results are bit-identical on every CPU.
-    fn nll(self) -> ExampleGrad {
-        pulp::Arch::new().dispatch(self)
+    /// has (AVX2 and FMA on most x86-64 servers), as detected once in `arch`. Every variant
+    /// runs the same operations in the same order (Rust never fuses a multiply and an add on
+    /// its own), so the results are bit-identical on every CPU.
+    fn nll(self, arch: pulp::Arch) -> ExampleGrad {
+        arch.dispatch(self)
     }
 }
 
@@ -408,7 +409,7 @@ mod tests {
             rank,
             values,
         };
-        let (wide, base) = (example.nll(), example_nll_body(example));
+        let (wide, base) = (example.nll(pulp::Arch::new()), example_nll_body(example));
         assert_eq!(wide.value.to_bits(), base.value.to_bits());
         for (name, a, b) in [
             ("h", &wide.h, &base.h),

@@ -9,6 +9,10 @@ pub mod v1 {
     tonic::include_proto!("lvm.sweep.v1");
 }
 
+/// The largest message either side accepts. The largest checkpoint, the signalling game
+/// with NVIL's baseline network, is 17.5 MB; an SSVAE checkpoint is 6.9 MB.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// The environment variable that holds the shared token when no token file is given.
 pub const TOKEN_ENV: &str = "LVM_SWEEP_TOKEN";
 

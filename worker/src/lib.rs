@@ -3,6 +3,8 @@
 //! trial given on the command line and prints its metrics ([`local`]).
 
 pub mod local;
+pub mod remote;
+pub mod spool;
 
 /// An error and its causes on one line, `outer: inner: ...`, leaving out a cause whose text
 /// the line already ends with (errors that print their source as part of their message).
@@ -34,5 +36,3 @@ mod tests {
         assert_eq!(super::one_line(&e), "top: middle: root");
     }
 }
-pub mod remote;
-pub mod spool;

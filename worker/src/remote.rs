@@ -36,10 +36,6 @@ use tonic::{Code, Request, Status};
 
 use crate::spool::{self, Spooled};
 
-/// The largest message either side accepts (the coordinator's limit; the largest checkpoint
-/// is 17.5 MB).
-const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
 /// Flags of `worker --coordinator`.
 #[derive(Debug, Clone, Args)]
 pub struct RemoteArgs {
@@ -126,8 +122,8 @@ pub fn client(url: &str, token: Option<&str>, ca: Option<&std::path::Path>) -> R
     };
     Ok(
         CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Auth(auth))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            .max_decoding_message_size(lvm_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(lvm_proto::MAX_MESSAGE_BYTES),
     )
 }
 
